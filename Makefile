@@ -1,0 +1,27 @@
+# Two entry points on a fresh machine: `make demo` and `make test` (both create .venv if missing).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean-venv bench
+
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/offline.txt requirements/offline-nodeps.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements/cpu.txt
+	$(BIN)/pip install -q -r requirements/offline.txt
+	$(BIN)/pip install -q --no-deps -r requirements/offline-nodeps.txt
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	rm -rf runs/demo
+	$(BIN)/altlm train --config toxicity-offline output_dir=runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

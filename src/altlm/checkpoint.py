@@ -1,0 +1,67 @@
+"""Checkpoints: a `save_pretrained` folder (full model or peft adapter) + tokenizer + `altlm.json`.
+
+`altlm.json` holds what generation needs besides weights — base model name, template, feedback vocabulary,
+exemplar, sampling defaults — so `altlm generate --run DIR` needs nothing else. Writes are atomic: a temp
+folder is filled, then renamed over the old checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import models
+from .errors import AltlmError
+from .template import Template
+
+META = "altlm.json"
+
+
+def save(model, tokenizer, folder: Path, meta: dict) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / META).write_text(json.dumps(meta, indent=2))
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.replace(folder, old)  # two renames: there is always one complete checkpoint on disk
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_meta(folder: Path) -> dict:
+    path = Path(folder) / META
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AltlmError(f"'{folder}' has no {META}: not an altlm checkpoint (expected <run>/checkpoint)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AltlmError(f"'{path}' is corrupt (not JSON); restore it or retrain") from None
+
+
+def load(folder: Path, trainable: bool = False):
+    """(model, tokenizer, meta) from a checkpoint folder."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        if meta["training_mode"] == "lora":
+            from peft import PeftModel
+
+            base = models.load_model(meta["model"], seed=meta["seed"])
+            template = Template(**meta["template"])
+            new, init = template.new_tokens(meta["feedback_words"])
+            models.add_tokens(base, tok, new, init)  # same rows as in training: deterministic init
+            model = PeftModel.from_pretrained(base, folder, is_trainable=trainable)
+        else:
+            model = models.load_model(str(folder))
+            model.requires_grad_(trainable)
+    except (OSError, ValueError, KeyError) as e:
+        raise AltlmError(f"checkpoint '{folder}' cannot be loaded ({str(e).splitlines()[0][:160]}); it may be corrupt — resume from an earlier run or retrain") from None
+    tok.padding_side = "left"
+    return model, tok, meta

@@ -1,0 +1,67 @@
+"""ALT-RM: turn any scalar scorer into quantile buckets and feedback words (method.md §3–4).
+
+Quantiles are *relative*: a sample's words depend on the other samples, so the trainer re-buckets the active
+pool after every sampling round — over the whole pool (`global`, the toxicity/Quark regime) or within each
+prompt's samples (`per_prompt`, the TL;DR regime).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from .base import Feedback, Scorer
+
+
+def quantile_buckets(scores: Sequence[float], k: int, higher_is_better: bool) -> list[int]:
+    """Bucket 0 = best. Sort best-first and cut into k equal quantiles; the remainder of n/k goes to the worst
+    bucket (Quark's rule). Tied scores share one bucket — the bucket of the tie group's middle position — so
+    identical completions never get contradictory feedback (bucket sizes may then differ slightly)."""
+    n = len(scores)
+    if n == 0:
+        return []
+    size = n // k
+    order = sorted(range(n), key=lambda i: (-scores[i] if higher_is_better else scores[i], i))
+    if size:
+        pos_bucket = [min(p // size, k - 1) for p in range(n)]
+    else:  # fewer samples than buckets: spread them best-to-worst over the k buckets
+        pos_bucket = [round(p * (k - 1) / max(n - 1, 1)) for p in range(n)]
+    out = [0] * n
+    p = 0
+    while p < n:
+        q = p
+        while q + 1 < n and scores[order[q + 1]] == scores[order[p]]:
+            q += 1
+        b = pos_bucket[(p + q) // 2]
+        for j in range(p, q + 1):
+            out[order[j]] = b
+        p = q + 1
+    return out
+
+
+def grouped_buckets(scores: Sequence[float], groups: Sequence[int], k: int, higher_is_better: bool) -> list[int]:
+    """quantile_buckets within each group (per-prompt quantiles)."""
+    idx: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        idx.setdefault(g, []).append(i)
+    out = [0] * len(scores)
+    for members in idx.values():
+        for i, b in zip(members, quantile_buckets([scores[i] for i in members], k, higher_is_better)):
+            out[i] = b
+    return out
+
+
+class QuantileFeedback:
+    """ALT-RM provider: scores from any Scorer; words assigned by `rebucket` over the pool."""
+
+    relative = True
+
+    def __init__(self, scorer: Scorer, words: list[str], mode: str = "global"):
+        self.scorer, self.vocabulary, self.mode = scorer, list(words), mode
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[Feedback]:
+        return [Feedback(text=None, score=s) for s in self.scorer.score(prompts, completions)]
+
+    def rebucket(self, scores: Sequence[float], prompt_ids: Sequence[int]) -> tuple[list[int], list[str]]:
+        k, hib = len(self.vocabulary), self.scorer.higher_is_better
+        buckets = (quantile_buckets(scores, k, hib) if self.mode == "global"
+                   else grouped_buckets(scores, prompt_ids, k, hib))
+        return buckets, [self.vocabulary[b] for b in buckets]

@@ -1,0 +1,61 @@
+"""The ALT loss (method.md §2) and the forward pass that yields logits for completion tokens only.
+
+loss = mean over generated tokens of [ −log pθ(y_t | f, x, y<t) + β·KL_t − α·H(pθ(·| f, x, y<t)) ]
+
+- only completion tokens count; the mean is over all completion tokens of the batch (token-level);
+- KL_t = KL(reference‖policy) by default (`kl_direction="policy_ref"` gives Quark's original direction);
+- logits of tokens added for conditioning (separator, Quark tokens) are dropped before the KL/entropy
+  softmax (`vocab_size` = the tokenizer's size before they were added).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .template import left_pad
+
+
+def target_logits(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int):
+    """Run `inputs + targets` left-padded and return (logits [B, M, V], target ids [B, M], mask [B, M]) where
+    M is the longest target. Left padding right-aligns every target, so only the last M+1 positions need the
+    LM head (`logits_to_keep`): prompt and feedback positions never pay for the vocabulary projection."""
+    seqs = [i + t for i, t in zip(inputs, targets)]
+    ids, attn, pos = left_pad(seqs, pad_id)
+    ids, attn, pos = ids.to(model.device), attn.to(model.device), pos.to(model.device)
+    m = max(len(t) for t in targets)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                   logits_to_keep=m + 1).logits[:, :-1]
+    tgt = torch.full((len(targets), m), pad_id, dtype=torch.long, device=ids.device)
+    mask = torch.zeros((len(targets), m), dtype=torch.bool, device=ids.device)
+    for i, t in enumerate(targets):
+        if t:
+            tgt[i, m - len(t):] = torch.tensor(t, device=ids.device)
+            mask[i, m - len(t):] = True
+    return logits, tgt, mask
+
+
+def alt_loss(policy_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+             ref_logits: torch.Tensor | None = None, kl_coef: float = 0.05, entropy_coef: float = 0.06,
+             kl_direction: str = "ref_policy", vocab_size: int | None = None):
+    """Returns (loss, stats) with stats = token-level means of nll, kl, entropy (floats)."""
+    lp_all = policy_logits[mask].float()  # [N, V]: completion positions only
+    n = lp_all.shape[0]
+    if n == 0:
+        zero = policy_logits.sum() * 0.0
+        return zero, {"nll": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0}
+    nll = -torch.log_softmax(lp_all, -1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    v = vocab_size or lp_all.shape[-1]
+    logp = torch.log_softmax(lp_all[:, :v], -1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1)
+    loss_tok = nll - entropy_coef * entropy
+    kl = torch.zeros_like(nll)
+    if ref_logits is not None and kl_coef != 0.0:
+        ref_logp = torch.log_softmax(ref_logits[mask].float()[:, :v], -1)
+        if kl_direction == "ref_policy":
+            kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+        else:
+            kl = (p * (logp - ref_logp)).sum(-1)
+        loss_tok = loss_tok + kl_coef * kl
+    stats = {"nll": nll.mean().item(), "kl": kl.mean().item(), "entropy": entropy.mean().item(), "tokens": n}
+    return loss_tok.mean(), stats

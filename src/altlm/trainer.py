@@ -1,0 +1,309 @@
+"""The ALT loop (method.md §1), top to bottom: sample → feedback → pool → train → evaluate, per iteration.
+
+Run folder (`output_dir`):
+  config.yaml     the resolved config            pool.sqlite   every sample and its feedback
+  metrics.jsonl   one line per step / eval       state.json    last completed iteration
+  checkpoint/     save_pretrained + altlm.json   summary.json  reference vs final, per feedback
+  eval_samples.jsonl  every evaluation completion with its score
+
+Every iteration seeds its own RNGs from (seed, iteration), so a run resumed at an iteration boundary
+(`--resume`) replays exactly what an uninterrupted run would have done.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from . import checkpoint, metrics, models
+from .config import ALTConfig
+from .data import load_prompts
+from .errors import AltlmError
+from .feedback import QuantileFeedback, build_scorer
+from .loss import alt_loss, target_logits
+from .pool import Pool, Row
+from .sampler import SampleSettings, sample
+from .template import Template
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """bf16 autocast where matmuls are natively fast in bf16 (CUDA; CPUs with AMX or AVX512-BF16)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else None
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+class ALTTrainer:
+    def __init__(self, cfg: ALTConfig, resume: bool = False):
+        self.cfg, self.run = cfg, Path(cfg.output_dir)
+        self.start_iteration = self._open_run_folder(resume)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.prompts = load_prompts(cfg)
+        self.template = Template.from_config(cfg)
+        self.scorer = build_scorer(cfg.scorer)
+        self.feedback = QuantileFeedback(self.scorer, cfg.feedback_words, cfg.quantiles)
+
+        self.tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+        self.vocab_size = len(self.tokenizer)  # logits beyond this belong to conditioning tokens
+        base = models.load_model(cfg.model, cfg.trust_remote_code, seed=cfg.seed)
+        new, init = self.template.new_tokens(cfg.feedback_words)
+        self.added_ids = models.add_tokens(base, self.tokenizer, new, init) if new else []
+        # Full/top-fraction training needs a frozen copy as reference; LoRA gets it free by disabling the adapter.
+        self.ref_model = None
+        if cfg.training_mode != "lora" or (cfg.reference_model and cfg.reference_model != cfg.model):
+            ref = copy.deepcopy(base) if not cfg.reference_model else models.load_model(cfg.reference_model, cfg.trust_remote_code, seed=cfg.seed)
+            models.add_tokens(ref, self.tokenizer, new, init)
+            self.ref_model = ref.eval().requires_grad_(False)
+        lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
+                    train_new_tokens=cfg.template == "quark")
+        self.model = models.prepare_for_training(base, cfg.training_mode, cfg.top_fraction, lora, self.added_ids)
+        if self.start_iteration > 1:
+            self._load_weights(self.run / "checkpoint")
+        self.device = next(self.model.parameters()).device
+        self.amp = autocast_dtype(cfg.precision, self.device)
+        self.pool = Pool(self.run / "pool.sqlite")
+        self.pool.rollback(self.start_iteration)  # drop rows of an iteration that was killed half-way
+        self.train_settings = SampleSettings(cfg.temperature, cfg.top_p, cfg.min_new_tokens, cfg.max_new_tokens,
+                                             cfg.sample_batch_size, cfg.max_prompt_tokens)
+        self.eval_settings = SampleSettings(cfg.eval_temperature, cfg.eval_top_p, cfg.min_new_tokens, cfg.max_new_tokens,
+                                            cfg.sample_batch_size, cfg.max_prompt_tokens)
+
+    # ------------------------------------------------------------------ run folder
+    def _open_run_folder(self, resume: bool) -> int:
+        state_path, cfg_path = self.run / "state.json", self.run / "config.yaml"
+        saved = self.cfg.to_dict()
+        if resume:
+            if not state_path.exists() or not cfg_path.exists():
+                raise AltlmError(f"--resume: '{self.run}' is not an altlm run folder (no state.json/config.yaml); start it without --resume")
+            try:
+                old = yaml.safe_load(cfg_path.read_text())
+                state = json.loads(state_path.read_text())
+            except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError):
+                raise AltlmError(f"--resume: '{self.run}' has a corrupt config.yaml or state.json; start a new run folder") from None
+            diff = sorted(k for k in saved if k != "output_dir" and old.get(k) != saved[k])
+            if diff:
+                raise AltlmError(f"--resume: '{self.run}' was made with a different config (keys differ: {', '.join(diff)}); resume with the same config or pick another output_dir")
+            if state.get("finished"):
+                raise AltlmError(f"--resume: '{self.run}' already finished all {self.cfg.iterations} iterations; see summary.json")
+            return int(state.get("iteration_done", 0)) + 1
+        if state_path.exists():
+            raise AltlmError(f"run folder '{self.run}' already holds a run; pass --resume {self.run} to continue it, or set output_dir= to a new folder")
+        self.run.mkdir(parents=True, exist_ok=True)
+        tmp = cfg_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))
+        os.replace(tmp, cfg_path)
+        write_json(state_path, {"iteration_done": 0, "finished": False})
+        return 1
+
+    def _load_weights(self, folder: Path) -> None:
+        if self.cfg.training_mode == "lora":
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.model, load_file(folder / "adapter_model.safetensors"))
+        else:
+            from safetensors.torch import load_file
+
+            self.model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+            self.model.tie_weights()
+
+    def _meta(self, iteration: int) -> dict:
+        c = self.cfg
+        return {"model": c.model, "seed": c.seed, "training_mode": c.training_mode, "template": self.template.to_dict(),
+                "feedback_words": c.feedback_words, "exemplar": c.exemplar_text, "vocab_size": self.vocab_size,
+                "iteration": iteration, "scorer": c.scorer,
+                "sampling": {"temperature": c.eval_temperature, "top_p": c.eval_top_p, "min_new_tokens": c.min_new_tokens,
+                             "max_new_tokens": c.max_new_tokens, "max_prompt_tokens": c.max_prompt_tokens}}
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        cfg, t0 = self.cfg, time.time()
+        words = cfg.feedback_words
+        if self.start_iteration == 1:
+            # Iteration 0: the reference, untagged and under every feedback string (the priming control).
+            self.evaluate(0, [None] + (words if cfg.eval_all_feedback else []), label="reference")
+        for it in range(self.start_iteration, cfg.iterations + 1):
+            rng = random.Random(cfg.seed * 100_003 + it)
+            torch.manual_seed(cfg.seed * 100_003 + it)
+
+            # 1. Sample: the reference unconditioned first, then the policy under the exemplar feedback.
+            feedback = None if it == 1 else cfg.exemplar_text
+            prompt_ids = rng.sample(range(len(self.prompts.train)), min(cfg.prompts_per_iteration, len(self.prompts.train)))
+            requests = [(pid, self.prompts.train[pid]) for pid in prompt_ids for _ in range(cfg.samples_per_prompt)]
+            with self._reference_mode(it == 1):
+                samples = sample(self.model, self.tokenizer, self.template, [(feedback, p) for _, p in requests],
+                                 self.train_settings, self.added_ids, autocast_dtype=self.amp, desc=f"iter {it} sampling")
+
+            # 2. Feedback: a score per sample; words come from the quantiles over the pool.
+            fbs = self.feedback([p for _, p in requests], [s.completion for s in samples])
+
+            # 3. Pool: flush (per drop_factor), add, re-cut quantiles over the active pool.
+            self.pool.flush(cfg.drop_factor, rng, it)
+            self.pool.add([Row(it, pid, p, s.completion, None, f.score, None, s.truncated, s.prompt_tokens,
+                               s.completion_tokens, f.valid) for (pid, p), s, f in zip(requests, samples, fbs)])
+            active = self.pool.rows()
+            buckets, texts = self.feedback.rebucket([r.score for r in active], [r.prompt_id for r in active])
+            self.pool.set_feedback([r.id for r in active], buckets, texts)
+
+            # 4. Train on feedback + prompt → completion, drawn from the pool.
+            train_stats = self.train_phase(it, rng)
+
+            # 5. Evaluate on held-out prompts; at the end under every feedback string.
+            last = it == cfg.iterations
+            if last or it % cfg.eval_every == 0:
+                conditions = ([None] + words) if (last and cfg.eval_all_feedback) else [cfg.exemplar_text]
+                self.evaluate(it, conditions, label="policy", extra={"train": train_stats,
+                              "pool_size": len(active), "bucket_counts": [buckets.count(b) for b in range(len(words))],
+                              "sample_score_mean": metrics.mean([f.score for f in fbs])})
+            checkpoint.save(self.model, self.tokenizer, self.run / "checkpoint", self._meta(it))
+            write_json(self.run / "state.json", {"iteration_done": it, "finished": last})
+
+        summary = self.summarize(time.time() - t0)
+        write_json(self.run / "summary.json", summary)
+        self.pool.close()
+        return summary
+
+    class _Null:
+        def __enter__(self):
+            return None
+
+        def __exit__(self, *a):
+            return False
+
+    def _reference_mode(self, on: bool):
+        """Context in which `self.model` behaves as the reference (LoRA: adapter off). Used for iteration 1's
+        sampling; at iteration 1 an untrained policy equals the reference anyway, but this keeps it explicit."""
+        if on and self.cfg.training_mode == "lora":
+            return self.model.disable_adapter()
+        return self._Null()
+
+    def train_phase(self, it: int, rng: random.Random) -> dict:
+        cfg = self.cfg
+        if cfg.quantiles == "global":
+            rows = self.pool.draw_uniform(cfg.train_steps * cfg.batch_size, rng)
+        else:
+            rows = self.pool.draw_balanced(cfg.per_bucket, len(cfg.feedback_words), rng)
+            rng.shuffle(rows)
+            if cfg.train_steps:
+                rows = rows[:cfg.train_steps * cfg.batch_size]
+        steps = math.ceil(len(rows) / cfg.batch_size)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Re-created each iteration (as the paper's TL;DR/HH runs): resume needs no optimiser state.
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        warm = max(1, round(steps * cfg.warmup_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+        self.model.train()
+        tok, totals, t0 = self.tokenizer, {"loss": 0.0, "nll": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0}, time.time()
+        for step in tqdm(range(steps), desc=f"iter {it} training", leave=False, disable=None):
+            batch = rows[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            inputs = [self.template.input_ids(tok, r.feedback, r.prompt, cfg.max_prompt_tokens) for r in batch]
+            targets = [self.template.target_ids(tok, r.completion, bool(r.truncated)) for r in batch]
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                logits, tgt, mask = target_logits(self.model, inputs, targets, tok.pad_token_id)
+                ref_logits = None
+                if cfg.kl_coef:
+                    ref_inputs = inputs if cfg.reference_input == "conditioned" else \
+                        [self.template.input_ids(tok, None, r.prompt, cfg.max_prompt_tokens) for r in batch]
+                    ref_logits = self.reference_logits(ref_inputs, targets)
+            loss, stats = alt_loss(logits, tgt, mask, ref_logits, cfg.kl_coef, cfg.entropy_coef, cfg.kl_direction, self.vocab_size)
+            if not torch.isfinite(loss):
+                print(f"warning: iteration {it} step {step}: non-finite loss, batch skipped")
+                opt.zero_grad(set_to_none=True)
+                continue
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            for k in ("nll", "kl", "entropy", "tokens"):
+                totals[k] += stats[k] * (1 if k == "tokens" else stats["tokens"])
+            totals["loss"] += loss.item() * stats["tokens"]
+            append_jsonl(self.run / "metrics.jsonl", {"kind": "step", "iteration": it, "step": step,
+                                                      "loss": loss.item(), **stats, "lr": sched.get_last_lr()[0]})
+        n = max(totals["tokens"], 1)
+        return {"steps": steps, "examples": len(rows), "seconds": round(time.time() - t0, 2),
+                **{k: totals[k] / n for k in ("loss", "nll", "kl", "entropy")}, "tokens": totals["tokens"]}
+
+    @torch.no_grad()
+    def reference_logits(self, inputs, targets):
+        if self.ref_model is not None:
+            return target_logits(self.ref_model, inputs, targets, self.tokenizer.pad_token_id)[0]
+        with self.model.disable_adapter():
+            return target_logits(self.model, inputs, targets, self.tokenizer.pad_token_id)[0]
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, it: int, conditions: list[str | None], label: str, extra: dict | None = None) -> dict:
+        cfg = self.cfg
+        k = cfg.eval_samples_per_prompt
+        out = {}
+        for fb in conditions:
+            requests = [(fb, p) for p in self.prompts.eval for _ in range(k)]
+            # The same seed for every model and condition: differences come from the model, not the dice.
+            samples = sample(self.model, self.tokenizer, self.template, requests, self.eval_settings, self.added_ids,
+                             seed=cfg.seed + 7, autocast_dtype=self.amp, desc=f"eval {label} [{fb or 'no feedback'}]")
+            comps = [s.completion for s in samples]
+            scores = self.scorer.score([p for _, p in requests], comps)
+            out[fb or "<none>"] = metrics.summarize(self.scorer.name, scores, comps, k, [s.truncated for s in samples],
+                                                    [s.completion_tokens for s in samples])
+            with open(self.run / "eval_samples.jsonl", "a") as f:
+                for (_, p), c, s in zip(requests, comps, scores):
+                    f.write(json.dumps({"iteration": it, "model": label, "feedback": fb, "prompt": p,
+                                        "completion": c, "score": s}) + "\n")
+        record = {"kind": "eval", "iteration": it, "model": label, "by_feedback": out, **(extra or {})}
+        append_jsonl(self.run / "metrics.jsonl", record)
+        return record
+
+    def summarize(self, wall: float) -> dict:
+        cfg, name = self.cfg, self.scorer.name
+        evals = [json.loads(line) for line in open(self.run / "metrics.jsonl") if '"kind": "eval"' in line]
+        ref = next(e for e in evals if e["model"] == "reference")["by_feedback"]
+        final = [e for e in evals if e["model"] == "policy"][-1]["by_feedback"]
+        words = [w for w in cfg.feedback_words if w in final]
+        keys = [f"{name}_mean", f"{name}_gt_0_5", f"avg_max_{name}", f"{name}_prob", "dist_2"]
+        pick = lambda m: {k: m[k] for k in keys}  # noqa: E731
+        ex = cfg.exemplar_text
+        rho = metrics.spearman(list(range(len(words))), [final[w][f"{name}_mean"] for w in words]) if len(words) > 1 else None
+        summary = {
+            "wall_seconds": round(wall, 1), "metric": name, "exemplar": ex, "eval_prompts": len(self.prompts.eval),
+            "eval_samples_per_prompt": cfg.eval_samples_per_prompt,
+            "reference": {**pick(ref["<none>"]), "by_feedback": {w: pick(ref[w]) for w in words if w in ref}},
+            "final": {**pick(final[ex]), "untagged": pick(final["<none>"]) if "<none>" in final else None,
+                      "by_feedback": {w: pick(final[w]) for w in words}},
+            "steerability": {"spearman_rho": rho, "gap": (final[words[-1]][f"{name}_mean"] - final[words[0]][f"{name}_mean"]) if len(words) > 1 else None},
+            "iterations": [{"iteration": e["iteration"], f"{name}_mean": e["by_feedback"][ex][f"{name}_mean"] if ex in e["by_feedback"] else None,
+                            "train": e.get("train")} for e in evals if e["model"] == "policy"],
+        }
+        r, f = summary["reference"], summary["final"]
+        summary["reduction"] = {k: (1 - f[k] / r[k]) if r[k] else None for k in (f"{name}_mean", f"{name}_gt_0_5")}
+        return summary
