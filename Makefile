@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/offline.txt requireme
 install: $(STAMP)
 
 demo: $(STAMP)
-	rm -rf runs/demo
+	if [ -d runs/demo ]; then rm -rf runs/demo.prev && mv runs/demo runs/demo.prev; fi
 	$(BIN)/altlm train --config toxicity-offline output_dir=runs/demo
 
 test: $(STAMP)

@@ -22,7 +22,12 @@ META = "altlm.json"
 def save(model, tokenizer, folder: Path, meta: dict) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    model.save_pretrained(tmp)
+    if hasattr(model, "peft_config"):
+        # Conditioning-token rows are re-created deterministically at load (models.add_tokens), and Quark's
+        # trainable rows are saved by peft itself: the 100 MB embedding matrix need not be copied each time.
+        model.save_pretrained(tmp, save_embedding_layers=False)
+    else:
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / META).write_text(json.dumps(meta, indent=2))
     old = folder.with_name(folder.name + ".old")

@@ -61,16 +61,17 @@ def print_summary(s: dict) -> None:
     for fb, d in s["final"]["by_feedback"].items():
         row("final", fb + (" (exemplar)" if fb == s["exemplar"] else ""), d)
     Console().print(t)
-    red = s["reduction"]
-    print(f"exemplar vs reference: {m} mean {-100 * red[f'{m}_mean']:+.1f}%, share > 0.5 {-100 * (red[f'{m}_gt_0_5'] or 0):+.1f}%; "
-          f"steerability: Spearman(feedback rank, {m}) = {s['steerability']['spearman_rho']}, worst − best = {s['steerability']['gap']:.4f}")
+    pct = lambda x: "n/a" if x is None else f"{-100 * x:+.1f}%"  # noqa: E731
+    num = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    red, st = s["reduction"], s["steerability"]
+    print(f"exemplar vs untagged reference: {m} mean {pct(red[f'{m}_mean'])}, share > 0.5 {pct(red[f'{m}_gt_0_5'])}; "
+          f"steerability: Spearman(feedback rank, {m}) = {num(st['spearman_rho'])}, worst − best feedback = {num(st['gap'])}")
 
 
 def _generate(args) -> int:
-    import torch
-
     from . import checkpoint, models
-    from .sampler import SampleSettings, sample
+    from .sampler import SampleSettings, inference_model, sample
+    from .trainer import autocast_dtype
     from .template import Template
 
     prompts = list(args.prompts)
@@ -100,8 +101,8 @@ def _generate(args) -> int:
     settings = SampleSettings(s["temperature"], s["top_p"], s["min_new_tokens"], args.max_new_tokens or s["max_new_tokens"],
                               64, s["max_prompt_tokens"])
     requests = [(feedback, p) for p in prompts for _ in range(args.samples)]
-    outs = sample(model, tok, template, requests, settings, suppress, seed=args.seed,
-                  autocast_dtype=None if not torch.cuda.is_available() else torch.bfloat16)
+    outs = sample(inference_model(model, autocast_dtype("auto", model.device)), tok, template, requests, settings,
+                  suppress, seed=args.seed)
     for (fb, p), o in zip(requests, outs):
         if args.json:
             print(json.dumps({"prompt": p, "feedback": fb, "completion": o.completion}))

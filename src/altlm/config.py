@@ -43,6 +43,7 @@ class ALTConfig:
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha.")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_layers: float = _f(1.0, "Share of the top blocks LoRA adapts (1.0 = all). Backward stops below the lowest adapted block, so smaller shares train faster.")
     lora_target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names LoRA adapts.")
     precision: str = _f("auto", "Compute precision: auto (bf16 autocast on CUDA or CPUs with AMX, else fp32), bf16 or fp32. Master weights stay fp32.", choices=["auto", "bf16", "fp32"])
     threads: int = _f(0, "torch CPU threads (0 = torch's default).")
@@ -115,7 +116,11 @@ class ALTConfig:
             raise AltlmError("config key 'prompt_words' must be [min, max] with 0 < min <= max")
         if self.template == "prefix" and "{feedback}" not in self.prefix_format:
             raise AltlmError("config key 'prefix_format' must contain {feedback}")
-        for k in ("iterations", "prompts_per_iteration", "samples_per_prompt", "batch_size", "max_new_tokens", "num_eval_prompts", "eval_samples_per_prompt", "sample_batch_size", "per_bucket"):
+        if self.train_steps < 0:
+            raise AltlmError(f"config key 'train_steps' must be >= 0, got {self.train_steps}")
+        if not 0.0 < self.lora_layers <= 1.0 or not 0.0 < self.top_fraction <= 1.0:
+            raise AltlmError("config keys 'lora_layers' and 'top_fraction' must be in (0, 1]")
+        for k in ("eval_every", "iterations", "prompts_per_iteration", "samples_per_prompt", "batch_size", "max_new_tokens", "num_eval_prompts", "eval_samples_per_prompt", "sample_batch_size", "per_bucket"):
             if getattr(self, k) < 1:
                 raise AltlmError(f"config key '{k}' must be >= 1, got {getattr(self, k)}")
         if not 0.0 <= self.drop_factor <= 1.0:
@@ -141,7 +146,8 @@ class ALTConfig:
 
 
 def _coerce(key: str, value, hint, where: str):
-    """Check a YAML/CLI value against the field's type; ints are accepted for floats."""
+    """Check a YAML/CLI value against the field's type; ints are accepted for floats, and so are strings such as
+    '1e-4' (YAML 1.1 reads exponents without a dot as strings)."""
     args = typing.get_args(hint)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -165,6 +171,12 @@ def _coerce(key: str, value, hint, where: str):
 
 
 def _is(value, t) -> bool:
+    if t is float and isinstance(value, str):
+        try:
+            float(value)
+            return True
+        except ValueError:
+            return False
     if t is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if t is int:

@@ -109,7 +109,9 @@ class Pool:
             return []
         if n <= len(rows):
             return rng.sample(rows, n)
-        return rows + [rng.choice(rows) for _ in range(n - len(rows))]
+        out = rows + [rng.choice(rows) for _ in range(n - len(rows))]
+        rng.shuffle(out)
+        return out
 
     def draw_balanced(self, per_bucket: int, num_buckets: int, rng: random.Random) -> list[Row]:
         return balanced_draw(self.rows(), per_bucket, num_buckets, rng)

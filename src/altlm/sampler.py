@@ -6,11 +6,13 @@ length so a batch wastes little padding; results come back in request order.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from .models import contiguous_lm_head
 from .template import Template, left_pad
 
 
@@ -39,9 +41,77 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def inference_model(model, dtype=None):
+    """A frozen copy for sampling: LoRA merged in, weights cast once to `dtype` (bf16 where fast). Autocast
+    would re-cast every weight at every decoding step; a cast copy costs one deepcopy per sampling phase."""
+    m = copy.deepcopy(model)
+    if hasattr(m, "merge_and_unload"):
+        m = m.merge_and_unload()
+    if dtype is not None:
+        m = m.to(dtype)
+    contiguous_lm_head(m)
+    return m.eval().requires_grad_(False)
+
+
+def _inverse_cdf(weights: torch.Tensor) -> torch.Tensor:
+    """Index drawn ∝ weights per row. One uniform per row instead of multinomial's one random per entry,
+    which on CPU costs more than the decoding step's matmuls over a 49k vocabulary."""
+    cdf = weights.cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+
+
+def _nucleus(top: torch.Tensor, idx: torch.Tensor, top_p: float) -> torch.Tensor:
+    keep = (top.cumsum(-1) - top) < top_p  # a token stays if the mass ranked above it is below top_p
+    return idx.gather(-1, _inverse_cdf(top * keep)[:, None]).squeeze(-1)
+
+
+def draw(logits: torch.Tensor, temperature: float, top_p: float, k_first: int = 1024) -> torch.Tensor:
+    """One token per row from softmax(logits / T) restricted to the top-p nucleus. The nucleus is searched among
+    the top `k_first` entries (a partial sort); only rows whose nucleus is wider than that pay for a full sort,
+    so the result is exact nucleus sampling."""
+    probs = torch.softmax(logits.float() / max(temperature, 1e-6), -1)
+    if top_p >= 1.0:
+        return _inverse_cdf(probs)
+    top, idx = probs.topk(min(k_first, probs.shape[-1]), -1)
+    out = _nucleus(top, idx, top_p)
+    wide = top.sum(-1) < top_p
+    if wide.any():
+        out[wide] = _nucleus(*probs[wide].sort(-1, descending=True), top_p)
+    return out
+
+
+@torch.no_grad()
+def decode(model, ids, attn, settings: SampleSettings, eos: list[int], suppress: list[int], pad_id: int) -> torch.Tensor:
+    """KV-cached ancestral sampling of up to max_new_tokens per row; rows that emitted EOS are padded after it.
+    A plain loop instead of `generate`: on CPU, generate's per-step processors cost several times the forward."""
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    eos_t = torch.tensor(eos, device=ids.device)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    pos, toks = pos[:, -1:], []
+    for step in range(settings.max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if suppress:
+            logits[:, suppress] = float("-inf")
+        if step < settings.min_new_tokens:
+            logits[:, eos] = float("-inf")
+        nxt = draw(logits, settings.temperature, settings.top_p)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        toks.append(nxt)
+        done |= torch.isin(nxt, eos_t)
+        if done.all():
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+        pos = pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=out.past_key_values,
+                    use_cache=True)
+    return torch.stack(toks, 1)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, template: Template, requests: list[tuple[str | None, str]], settings: SampleSettings,
-           suppress: list[int] | None = None, seed: int | None = None, autocast_dtype=None, desc: str = "sampling") -> list[Sample]:
+           suppress: list[int] | None = None, seed: int | None = None, desc: str = "sampling") -> list[Sample]:
     """requests: (feedback or None, prompt). One Sample per request, in order."""
     if seed is not None:
         torch.manual_seed(seed)
@@ -56,13 +126,7 @@ def sample(model, tokenizer, template: Template, requests: list[tuple[str | None
         idx = order[start:start + settings.batch_size]
         ids, attn, _ = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
         ids, attn = ids.to(model.device), attn.to(model.device)
-        with torch.autocast(model.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            gen = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=settings.temperature,
-                                 top_p=settings.top_p, top_k=0, min_new_tokens=settings.min_new_tokens,
-                                 max_new_tokens=settings.max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=tokenizer.pad_token_id, suppress_tokens=suppress or None,
-                                 use_cache=True)
-        new = gen[:, ids.shape[1]:].tolist()
+        new = decode(model, ids, attn, settings, eos, suppress or [], tokenizer.pad_token_id).tolist()
         for i, toks in zip(idx, new):
             ended = next((j for j, t in enumerate(toks) if t in eos), None)
             body = toks if ended is None else toks[:ended]

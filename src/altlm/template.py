@@ -75,7 +75,9 @@ def append_eos(rule: str, completion: str, truncated: bool) -> bool:
 
 
 def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False).input_ids if text else []
+    # split_special_tokens: user text that spells a control token ("<|separator|>", a Quark token) stays text;
+    # control tokens enter only through convert_tokens_to_ids above.
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids if text else []
 
 
 def left_pad(seqs: list[list[int]], pad_id: int):

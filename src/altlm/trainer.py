@@ -30,7 +30,7 @@ from .errors import AltlmError
 from .feedback import QuantileFeedback, build_scorer
 from .loss import alt_loss, target_logits
 from .pool import Pool, Row
-from .sampler import SampleSettings, sample
+from .sampler import SampleSettings, inference_model, sample
 from .template import Template
 
 
@@ -65,7 +65,7 @@ def write_json(path: Path, data: dict) -> None:
 class ALTTrainer:
     def __init__(self, cfg: ALTConfig, resume: bool = False):
         self.cfg, self.run = cfg, Path(cfg.output_dir)
-        self.start_iteration = self._open_run_folder(resume)
+        self.start_iteration = self._check_run_folder(resume)  # read-only: bad input below leaves no folder behind
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -86,12 +86,14 @@ class ALTTrainer:
             models.add_tokens(ref, self.tokenizer, new, init)
             self.ref_model = ref.eval().requires_grad_(False)
         lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
-                    train_new_tokens=cfg.template == "quark")
+                    layers=cfg.lora_layers, train_new_tokens=cfg.template == "quark")
         self.model = models.prepare_for_training(base, cfg.training_mode, cfg.top_fraction, lora, self.added_ids)
+        models.contiguous_lm_head(self.model)
         if self.start_iteration > 1:
             self._load_weights(self.run / "checkpoint")
         self.device = next(self.model.parameters()).device
         self.amp = autocast_dtype(cfg.precision, self.device)
+        self._open_run_folder()
         self.pool = Pool(self.run / "pool.sqlite")
         self.pool.rollback(self.start_iteration)  # drop rows of an iteration that was killed half-way
         self.train_settings = SampleSettings(cfg.temperature, cfg.top_p, cfg.min_new_tokens, cfg.max_new_tokens,
@@ -100,31 +102,47 @@ class ALTTrainer:
                                             cfg.sample_batch_size, cfg.max_prompt_tokens)
 
     # ------------------------------------------------------------------ run folder
-    def _open_run_folder(self, resume: bool) -> int:
+    def _check_run_folder(self, resume: bool) -> int:
+        """The iteration to start at; refuses a folder that holds another run, or a resume that cannot match."""
         state_path, cfg_path = self.run / "state.json", self.run / "config.yaml"
+        if not resume:
+            if state_path.exists():
+                raise AltlmError(f"run folder '{self.run}' already holds a run; pass --resume {self.run} to continue it, or set output_dir= to a new folder")
+            return 1
+        if not state_path.exists() or not cfg_path.exists():
+            raise AltlmError(f"--resume: '{self.run}' is not an altlm run folder (no state.json/config.yaml); start it without --resume")
+        try:
+            old = yaml.safe_load(cfg_path.read_text())
+            state = json.loads(state_path.read_text())
+        except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError):
+            raise AltlmError(f"--resume: '{self.run}' has a corrupt config.yaml or state.json; start a new run folder") from None
         saved = self.cfg.to_dict()
-        if resume:
-            if not state_path.exists() or not cfg_path.exists():
-                raise AltlmError(f"--resume: '{self.run}' is not an altlm run folder (no state.json/config.yaml); start it without --resume")
-            try:
-                old = yaml.safe_load(cfg_path.read_text())
-                state = json.loads(state_path.read_text())
-            except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError):
-                raise AltlmError(f"--resume: '{self.run}' has a corrupt config.yaml or state.json; start a new run folder") from None
-            diff = sorted(k for k in saved if k != "output_dir" and old.get(k) != saved[k])
-            if diff:
-                raise AltlmError(f"--resume: '{self.run}' was made with a different config (keys differ: {', '.join(diff)}); resume with the same config or pick another output_dir")
-            if state.get("finished"):
-                raise AltlmError(f"--resume: '{self.run}' already finished all {self.cfg.iterations} iterations; see summary.json")
-            return int(state.get("iteration_done", 0)) + 1
-        if state_path.exists():
-            raise AltlmError(f"run folder '{self.run}' already holds a run; pass --resume {self.run} to continue it, or set output_dir= to a new folder")
+        diff = sorted(k for k in saved if k != "output_dir" and old.get(k) != saved[k])
+        if diff:
+            raise AltlmError(f"--resume: '{self.run}' was made with a different config (keys differ: {', '.join(diff)}); resume with the same config or pick another output_dir")
+        if state.get("finished"):
+            raise AltlmError(f"--resume: '{self.run}' already finished all {self.cfg.iterations} iterations; see summary.json")
+        return int(state.get("iteration_done", 0)) + 1
+
+    def _open_run_folder(self) -> None:
+        """Fresh run: write config.yaml and state.json. Resume: drop log lines of the unfinished iteration."""
+        if self.start_iteration > 1 or (self.run / "state.json").exists():
+            first = self.start_iteration if self.start_iteration > 1 else 0  # iteration 1 redoes the reference eval
+            for name in ("metrics.jsonl", "eval_samples.jsonl"):
+                path = self.run / name
+                if path.exists():
+                    keep = [line for line in path.read_text().splitlines(keepends=True)
+                            if json.loads(line)["iteration"] < first]
+                    tmp = path.with_suffix(".tmp")
+                    tmp.write_text("".join(keep))
+                    os.replace(tmp, path)
+            return
         self.run.mkdir(parents=True, exist_ok=True)
+        cfg_path = self.run / "config.yaml"
         tmp = cfg_path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))
+        tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False, allow_unicode=True))
         os.replace(tmp, cfg_path)
-        write_json(state_path, {"iteration_done": 0, "finished": False})
-        return 1
+        write_json(self.run / "state.json", {"iteration_done": 0, "finished": False})
 
     def _load_weights(self, folder: Path) -> None:
         if self.cfg.training_mode == "lora":
@@ -152,7 +170,8 @@ class ALTTrainer:
         words = cfg.feedback_words
         if self.start_iteration == 1:
             # Iteration 0: the reference, untagged and under every feedback string (the priming control).
-            self.evaluate(0, [None] + (words if cfg.eval_all_feedback else []), label="reference")
+            self.evaluate(0, [None] + (words if cfg.eval_all_feedback else []), label="reference",
+                          model=self.ref_model or self.model)
         for it in range(self.start_iteration, cfg.iterations + 1):
             rng = random.Random(cfg.seed * 100_003 + it)
             torch.manual_seed(cfg.seed * 100_003 + it)
@@ -161,9 +180,10 @@ class ALTTrainer:
             feedback = None if it == 1 else cfg.exemplar_text
             prompt_ids = rng.sample(range(len(self.prompts.train)), min(cfg.prompts_per_iteration, len(self.prompts.train)))
             requests = [(pid, self.prompts.train[pid]) for pid in prompt_ids for _ in range(cfg.samples_per_prompt)]
-            with self._reference_mode(it == 1):
-                samples = sample(self.model, self.tokenizer, self.template, [(feedback, p) for _, p in requests],
-                                 self.train_settings, self.added_ids, autocast_dtype=self.amp, desc=f"iter {it} sampling")
+            # (Without a separate reference_model, the untrained policy *is* the reference at iteration 1.)
+            sampler_model = self.ref_model if (it == 1 and self.ref_model is not None) else self.model
+            samples = sample(inference_model(sampler_model, self.amp), self.tokenizer, self.template,
+                             [(feedback, p) for _, p in requests], self.train_settings, self.added_ids, desc=f"iter {it} sampling")
 
             # 2. Feedback: a score per sample; words come from the quantiles over the pool.
             fbs = self.feedback([p for _, p in requests], [s.completion for s in samples])
@@ -193,20 +213,6 @@ class ALTTrainer:
         write_json(self.run / "summary.json", summary)
         self.pool.close()
         return summary
-
-    class _Null:
-        def __enter__(self):
-            return None
-
-        def __exit__(self, *a):
-            return False
-
-    def _reference_mode(self, on: bool):
-        """Context in which `self.model` behaves as the reference (LoRA: adapter off). Used for iteration 1's
-        sampling; at iteration 1 an untrained policy equals the reference anyway, but this keeps it explicit."""
-        if on and self.cfg.training_mode == "lora":
-            return self.model.disable_adapter()
-        return self._Null()
 
     def train_phase(self, it: int, rng: random.Random) -> dict:
         cfg = self.cfg
@@ -263,15 +269,15 @@ class ALTTrainer:
             return target_logits(self.model, inputs, targets, self.tokenizer.pad_token_id)[0]
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, it: int, conditions: list[str | None], label: str, extra: dict | None = None) -> dict:
+    def evaluate(self, it: int, conditions: list[str | None], label: str, extra: dict | None = None, model=None) -> dict:
         cfg = self.cfg
         k = cfg.eval_samples_per_prompt
-        out = {}
+        out, model = {}, inference_model(model or self.model, self.amp)
         for fb in conditions:
             requests = [(fb, p) for p in self.prompts.eval for _ in range(k)]
             # The same seed for every model and condition: differences come from the model, not the dice.
-            samples = sample(self.model, self.tokenizer, self.template, requests, self.eval_settings, self.added_ids,
-                             seed=cfg.seed + 7, autocast_dtype=self.amp, desc=f"eval {label} [{fb or 'no feedback'}]")
+            samples = sample(model, self.tokenizer, self.template, requests, self.eval_settings, self.added_ids,
+                             seed=cfg.seed + 7, desc=f"eval {label} [{fb or 'no feedback'}]")
             comps = [s.completion for s in samples]
             scores = self.scorer.score([p for _, p in requests], comps)
             out[fb or "<none>"] = metrics.summarize(self.scorer.name, scores, comps, k, [s.truncated for s in samples],

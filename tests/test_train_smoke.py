@@ -1,0 +1,250 @@
+"""End to end through the CLI with the tiny model: train (full and LoRA), generate, refuse reruns, resume.
+
+Every run folder lives under pytest's tmp dirs; commands run with cwd there too. `threads=1`: the tiny model
+is too small to gain from more threads, and on small CI runners extra threads only fight each other.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_altlm
+
+from altlm.config import TOXICITY_WORDS
+from altlm.feedback import quantile_buckets
+
+SMALL = ["threads=1", "num_train_prompts=16", "num_eval_prompts=2", "prompts_per_iteration=6", "samples_per_prompt=2",
+         "train_steps=2", "batch_size=4", "eval_samples_per_prompt=1", "max_new_tokens=8"]
+
+
+def pool_rows(run: Path) -> list[dict]:
+    db = sqlite3.connect(f"file:{run / 'pool.sqlite'}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    rows = [dict(r) for r in db.execute("SELECT * FROM samples ORDER BY id")]
+    db.close()
+    return rows
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def one_error_line(r, needle: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("altlm: ") and "Traceback" not in r.stderr, r.stderr
+    assert needle in lines[0]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The shipped smoke recipe, 2 iterations, full fine-tuning."""
+    base = tmp_path_factory.mktemp("smoke")
+    run = base / "run"
+    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "threads=1", cwd=base)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return base, run, r
+
+
+def test_smoke_summary(smoke):
+    _, run, r = smoke
+    s = json.loads((run / "summary.json").read_text())
+    for k in ("wall_seconds", "metric", "exemplar", "reference", "final", "steerability", "iterations", "reduction"):
+        assert k in s
+    assert s["metric"] == "toxicity" and s["exemplar"] == "Lowest Toxicity"
+    assert s["wall_seconds"] > 0
+    for block in (s["reference"], s["final"]):
+        assert 0.0 <= block["toxicity_mean"] <= 1.0
+        assert 0.0 <= block["toxicity_gt_0_5"] <= 1.0
+    assert list(s["final"]["by_feedback"]) == TOXICITY_WORDS
+    assert list(s["reference"]["by_feedback"]) == TOXICITY_WORDS
+    for d in s["final"]["by_feedback"].values():
+        assert 0.0 <= d["toxicity_mean"] <= 1.0
+    # the summary's final numbers are the exemplar's row
+    assert s["final"]["toxicity_mean"] == s["final"]["by_feedback"]["Lowest Toxicity"]["toxicity_mean"]
+    assert [it["iteration"] for it in s["iterations"]] == [1, 2]
+    assert "toxicity" in r.stdout  # the table was printed
+    assert json.loads((run / "state.json").read_text()) == {"iteration_done": 2, "finished": True}
+
+
+def test_smoke_metrics(smoke):
+    _, run, _ = smoke
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    recs = jsonl(run / "metrics.jsonl")
+    steps = [x for x in recs if x["kind"] == "step"]
+    evals = [x for x in recs if x["kind"] == "eval"]
+    assert len(steps) == cfg["iterations"] * cfg["train_steps"]
+    assert [(x["iteration"], x["step"]) for x in steps] == [(i, j) for i in (1, 2) for j in range(cfg["train_steps"])]
+    for x in steps:
+        assert x["tokens"] > 0 and x["nll"] > 0 and x["entropy"] > 0 and x["kl"] >= 0 and x["lr"] >= 0
+    assert [(e["iteration"], e["model"]) for e in evals] == [(0, "reference"), (1, "policy"), (2, "policy")]
+    assert set(evals[0]["by_feedback"]) == {"<none>", *TOXICITY_WORDS}
+    assert set(evals[1]["by_feedback"]) == {"Lowest Toxicity"}
+    assert set(evals[2]["by_feedback"]) == {"<none>", *TOXICITY_WORDS}
+    n = cfg["num_eval_prompts"] * cfg["eval_samples_per_prompt"]
+    assert all(v["n"] == n for e in evals for v in e["by_feedback"].values())
+    assert evals[2]["pool_size"] == cfg["iterations"] * cfg["prompts_per_iteration"] * cfg["samples_per_prompt"]
+
+
+def test_smoke_pool(smoke):
+    _, run, _ = smoke
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    rows = pool_rows(run)
+    assert len(rows) == cfg["iterations"] * cfg["prompts_per_iteration"] * cfg["samples_per_prompt"] == 96
+    assert Counter(r["iteration"] for r in rows) == {1: 48, 2: 48}
+    assert {r["bucket"] for r in rows} == set(range(5))
+    assert all(r["feedback"] == TOXICITY_WORDS[r["bucket"]] for r in rows)
+    assert all(r["dropped_at"] is None and r["valid"] == 1 for r in rows)
+    assert all(0.0 <= r["score"] <= 1.0 for r in rows)
+    assert all(r["completion_tokens"] <= cfg["max_new_tokens"] and r["prompt_tokens"] > 0 for r in rows)
+    # the stored buckets are the global quantiles of the stored scores, lower toxicity = better
+    assert [r["bucket"] for r in rows] == quantile_buckets([r["score"] for r in rows], 5, higher_is_better=False)
+    # samples_per_prompt completions per drawn prompt and iteration
+    per = Counter((r["iteration"], r["prompt_id"]) for r in rows)
+    assert set(per.values()) == {cfg["samples_per_prompt"]}
+    # evaluation prompts are never trained on
+    eval_prompts = {e["prompt"] for e in jsonl(run / "eval_samples.jsonl")}
+    assert len(eval_prompts) == cfg["num_eval_prompts"]
+    assert not eval_prompts & {r["prompt"] for r in rows}
+
+
+def test_smoke_checkpoint(smoke):
+    _, run, _ = smoke
+    ck = run / "checkpoint"
+    meta = json.loads((ck / "altlm.json").read_text())
+    assert meta["model"] == "tiny-smollm2" and meta["training_mode"] == "full" and meta["iteration"] == 2
+    assert meta["exemplar"] == "Lowest Toxicity" and meta["feedback_words"] == TOXICITY_WORDS
+    assert meta["template"]["style"] == "tag_separator"
+    assert (ck / "model.safetensors").exists() and (ck / "config.json").exists()
+    assert "<|separator|>" in (ck / "tokenizer.json").read_text()
+    assert not any(p.name.startswith(".") for p in run.iterdir())  # no temp folder left behind
+
+
+def test_generate_json(smoke):
+    base, run, _ = smoke
+    r = run_altlm("generate", "--run", str(run), "--json", "--samples", "2", "some prompt", "Another prompt here", cwd=base)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = [json.loads(line) for line in r.stdout.splitlines()]  # every stdout line is JSON
+    assert [o["prompt"] for o in out] == ["some prompt"] * 2 + ["Another prompt here"] * 2
+    assert all(set(o) == {"prompt", "feedback", "completion"} for o in out)
+    assert all(o["feedback"] == "Lowest Toxicity" for o in out)  # the run's exemplar
+    assert all(isinstance(o["completion"], str) and o["completion"].strip() for o in out)
+    assert all("<|separator|>" not in o["completion"] for o in out)
+
+
+def test_generate_with_feedback(smoke):
+    base, run, _ = smoke
+    r = run_altlm("generate", "--run", str(run), "--json", "--feedback", "Maximum Toxicity", "--max-new-tokens", "5",
+                  "some prompt", cwd=base)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (o,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert o["feedback"] == "Maximum Toxicity" and o["prompt"] == "some prompt" and o["completion"].strip()
+
+
+def test_rerun_same_output_dir_is_refused(smoke):
+    base, run, _ = smoke
+    before = (run / "metrics.jsonl").read_text()
+    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "threads=1", cwd=base)
+    one_error_line(r, "already holds a run")
+    assert "--resume" in r.stderr
+    assert (run / "metrics.jsonl").read_text() == before  # untouched
+
+
+def test_resume_finished_run_is_refused(smoke):
+    base, run, _ = smoke
+    r = run_altlm("train", "--resume", str(run), cwd=base)
+    one_error_line(r, "already finished")
+
+
+def test_lora_run_and_generate(tmp_path):
+    run = tmp_path / "lora"
+    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "training_mode=lora", "iterations=1", *SMALL,
+                  cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ck = run / "checkpoint"
+    assert (ck / "adapter_model.safetensors").exists() and (ck / "adapter_config.json").exists()
+    assert not (ck / "model.safetensors").exists()  # an adapter, not a full copy
+    assert json.loads((ck / "altlm.json").read_text())["training_mode"] == "lora"
+    from safetensors.torch import load_file
+
+    adapter = load_file(ck / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: the adapter was trained
+    assert len(pool_rows(run)) == 6 * 2
+    g = run_altlm("generate", "--run", str(run), "--json", "--feedback", "Maximum Toxicity", "hello there", cwd=tmp_path)
+    assert g.returncode == 0, g.stderr[-3000:]
+    (o,) = [json.loads(line) for line in g.stdout.splitlines()]
+    assert o["prompt"] == "hello there" and o["feedback"] == "Maximum Toxicity" and o["completion"].strip()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG cli.py:print_summary (line ~65) — formats steerability gap with :.4f, "
+                   "but the gap is None when eval_all_feedback=false: TypeError traceback, exit code 1")
+def test_run_without_all_feedback_eval(tmp_path):
+    run = tmp_path / "r"
+    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "iterations=1", "eval_all_feedback=false", *SMALL,
+                  cwd=tmp_path)
+    assert (run / "summary.json").exists()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_resume_replays_an_interrupted_run(tmp_path):
+    """A run stopped after iteration 1 (here: a finished 1-iteration run whose config.yaml and state.json are
+    set to what a 2-iteration run has on disk at that point, plus rows of a half-done iteration 2) resumes to
+    exactly the pool and final evaluation of an uninterrupted 2-iteration run."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    r = run_altlm("train", "--config", "smoke", f"output_dir={full}", "iterations=2", *SMALL, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = run_altlm("train", "--config", "smoke", f"output_dir={part}", "iterations=1", *SMALL, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+    cfg = yaml.safe_load((part / "config.yaml").read_text())
+    assert cfg["iterations"] == 1
+    cfg["iterations"] = 2
+    (part / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (part / "state.json").write_text(json.dumps({"iteration_done": 1, "finished": False}))
+    from altlm.pool import Pool, Row
+
+    p = Pool(part / "pool.sqlite")  # iteration 2 was killed after adding its samples
+    p.add([Row(2, 0, "half-done", "junk", None, 0.5, None, False, 3, 1)] * 3)
+    p.close()
+
+    r = run_altlm("train", "--resume", str(part), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert json.loads((part / "state.json").read_text()) == {"iteration_done": 2, "finished": True}
+    cols = ("iteration", "prompt_id", "prompt", "completion", "score", "bucket", "feedback", "truncated", "dropped_at")
+    a = [tuple(r[c] for c in cols) for r in pool_rows(full)]
+    b = [tuple(r[c] for c in cols) for r in pool_rows(part)]
+    assert len(a) == 2 * 6 * 2
+    assert b == a
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, part))
+    assert sb["final"] == sa["final"]
+    assert sb["reference"] == sa["reference"]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG trainer.py ALTTrainer.train/evaluate — the iteration-0 'reference' evaluation "
+                   "(and iteration 1's sampling) always use the policy init `self.model`, never `reference_model` "
+                   "(config help: 'Reference model for the KL term and the baseline eval')")
+def test_reference_model_is_the_baseline(tmp_path):
+    from altlm import models
+
+    other = tmp_path / "other-tiny"  # a different tiny model (another seed), saved as a local folder
+    models.load_model("tiny-smollm2", seed=1).save_pretrained(other)
+    models.load_tokenizer("tiny-smollm2").save_pretrained(other)
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = run_altlm("train", "--config", "smoke", f"output_dir={a}", f"reference_model={other}", "iterations=1", *SMALL,
+                  cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_altlm("train", "--config", "smoke", f"output_dir={b}", f"model={other}", "iterations=1", *SMALL, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def reference_untagged(run):
+        return [(e["prompt"], e["completion"]) for e in jsonl(run / "eval_samples.jsonl")
+                if e["model"] == "reference" and e["feedback"] is None]
+
+    # same prompts, same sampling seed: the baseline of run a must be the model `other`, as in run b
+    assert reference_untagged(a) == reference_untagged(b)
