@@ -105,9 +105,6 @@ def test_quark_tokens(tiny, fresh_tiny):
         assert t.input_ids(tok, word, PROMPT) == [wid] + ids(base_tok, PROMPT)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG template.py:_ids — Quark tokens are added as special tokens named by the "
-                   "feedback words, so prompt/completion text containing a feedback word is tokenised into the "
-                   "quantile token (conditioning leaks into the prompt and the training target)")
 def test_quark_prompt_text_containing_a_feedback_word_stays_text(tiny, fresh_tiny):
     _, base_tok = tiny
     model, tok = fresh_tiny

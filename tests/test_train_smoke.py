@@ -181,8 +181,6 @@ def test_lora_run_and_generate(tmp_path):
     assert o["prompt"] == "hello there" and o["feedback"] == "Maximum Toxicity" and o["completion"].strip()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG cli.py:print_summary (line ~65) — formats steerability gap with :.4f, "
-                   "but the gap is None when eval_all_feedback=false: TypeError traceback, exit code 1")
 def test_run_without_all_feedback_eval(tmp_path):
     run = tmp_path / "r"
     r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "iterations=1", "eval_all_feedback=false", *SMALL,
@@ -226,9 +224,6 @@ def test_resume_replays_an_interrupted_run(tmp_path):
     assert sb["reference"] == sa["reference"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG trainer.py ALTTrainer.train/evaluate — the iteration-0 'reference' evaluation "
-                   "(and iteration 1's sampling) always use the policy init `self.model`, never `reference_model` "
-                   "(config help: 'Reference model for the KL term and the baseline eval')")
 def test_reference_model_is_the_baseline(tmp_path):
     from altlm import models
 

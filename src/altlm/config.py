@@ -93,6 +93,7 @@ class ALTConfig:
     eval_top_p: float = _f(0.9, "Evaluation top-p (paper: 0.9).")
     eval_samples_per_prompt: int = _f(2, "Samples per held-out prompt at evaluation.")
     eval_every: int = _f(1, "Evaluate under the exemplar every N iterations (the final iteration is always evaluated under every feedback).")
+    eval_feedback: list[str] | None = _f(None, "Feedback strings evaluated at the end, on the reference and the final model (default: all feedback_words).")
     eval_all_feedback: bool = _f(True, "At the end, also evaluate the reference and final model under every feedback string (steerability and priming control).")
 
     # ---------------------------------------------------------------------
@@ -112,6 +113,10 @@ class ALTConfig:
             raise AltlmError("config key 'feedback_words' needs at least 2 feedback strings (best first)")
         if self.exemplar is not None and self.exemplar not in self.feedback_words:
             raise AltlmError(f"config key 'exemplar' = {self.exemplar!r} is not one of feedback_words: {self.feedback_words}")
+        if self.eval_feedback is not None and not set(self.eval_feedback) <= set(self.feedback_words):
+            raise AltlmError(f"config key 'eval_feedback' lists strings not in feedback_words: {sorted(set(self.eval_feedback) - set(self.feedback_words))}")
+        if self.eval_feedback is not None and self.exemplar_text not in self.eval_feedback:
+            raise AltlmError(f"config key 'eval_feedback' must include the exemplar {self.exemplar_text!r}")
         if len(self.prompt_words) != 2 or not 0 < self.prompt_words[0] <= self.prompt_words[1]:
             raise AltlmError("config key 'prompt_words' must be [min, max] with 0 < min <= max")
         if self.template == "prefix" and "{feedback}" not in self.prefix_format:

@@ -167,7 +167,7 @@ class ALTTrainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         cfg, t0 = self.cfg, time.time()
-        words = cfg.feedback_words
+        words = [w for w in cfg.feedback_words if cfg.eval_feedback is None or w in cfg.eval_feedback]
         if self.start_iteration == 1:
             # Iteration 0: the reference, untagged and under every feedback string (the priming control).
             self.evaluate(0, [None] + (words if cfg.eval_all_feedback else []), label="reference",
@@ -204,7 +204,7 @@ class ALTTrainer:
             if last or it % cfg.eval_every == 0:
                 conditions = ([None] + words) if (last and cfg.eval_all_feedback) else [cfg.exemplar_text]
                 self.evaluate(it, conditions, label="policy", extra={"train": train_stats,
-                              "pool_size": len(active), "bucket_counts": [buckets.count(b) for b in range(len(words))],
+                              "pool_size": len(active), "bucket_counts": [buckets.count(b) for b in range(len(cfg.feedback_words))],
                               "sample_score_mean": metrics.mean([f.score for f in fbs])})
             checkpoint.save(self.model, self.tokenizer, self.run / "checkpoint", self._meta(it))
             write_json(self.run / "state.json", {"iteration_done": it, "finished": last})

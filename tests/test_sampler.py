@@ -1,0 +1,79 @@
+"""The sampler: exact nucleus sampling, EOS/min-token handling, suppressed tokens, truncation flags."""
+from __future__ import annotations
+
+import torch
+
+from altlm import models
+from altlm.sampler import SampleSettings, draw, inference_model, sample, stop_ids
+from altlm.template import Template
+
+
+def _empirical(logits, top_p, k_first, n=20000, temperature=1.0):
+    torch.manual_seed(0)
+    rows = logits.expand(n, -1).clone()
+    got = draw(rows, temperature, top_p, k_first=k_first)
+    return torch.bincount(got, minlength=logits.shape[-1]).float() / n
+
+
+def _nucleus_probs(logits, top_p):
+    p = torch.softmax(logits, -1)
+    sp, idx = p.sort(descending=True)
+    keep = (sp.cumsum(-1) - sp) < top_p
+    out = torch.zeros_like(p)
+    out[idx[keep]] = sp[keep]
+    return out / out.sum()
+
+
+def test_draw_matches_the_nucleus_distribution():
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -5.0])
+    want = _nucleus_probs(logits, 0.8)
+    got = _empirical(logits, 0.8, k_first=8)
+    assert (got - want).abs().max() < 0.015
+    assert got[want == 0].sum() == 0  # tokens outside the nucleus are never drawn
+
+
+def test_draw_falls_back_to_full_sort_when_the_nucleus_is_wider_than_k_first():
+    logits = torch.zeros(10)  # uniform: the 0.9-nucleus holds 9 tokens, far more than k_first=2
+    got = _empirical(logits, 0.9, k_first=2)
+    assert (got[got > 0].numel()) == 9
+    assert (got - _nucleus_probs(logits, 0.9)).abs().max() < 0.015
+
+
+def test_draw_top_p_one_is_plain_softmax_sampling_with_temperature():
+    logits = torch.tensor([1.0, 0.0, -1.0])
+    got = _empirical(logits, 1.0, k_first=8, temperature=2.0)
+    assert (got - torch.softmax(logits / 2.0, -1)).abs().max() < 0.015
+
+
+def test_sample_respects_min_tokens_suppression_and_marks_truncation(fresh_tiny):
+    model, tok = fresh_tiny
+    template = Template()
+    sep = models.add_tokens(model, tok, [template.separator_token], "eos")
+    # The separator's embedding (tied to the head) copies EOS's, so it is as likely as EOS: suppression must hold.
+    settings = SampleSettings(max_new_tokens=6, min_new_tokens=3, batch_size=4)
+    requests = [("Lowest Toxicity", "Hello there"), (None, "A longer prompt that pads the other one"), (None, "x")] * 2
+    out = sample(inference_model(model), tok, template, requests, settings, suppress=sep, seed=0)
+    assert len(out) == len(requests)
+    for s in out:
+        assert 3 <= s.completion_tokens <= 6
+        assert s.truncated == (s.completion_tokens == 6)  # the body excludes EOS: only a full body is truncated
+        assert "<|separator|>" not in s.completion
+    # prompt token counts include the conditioning prefix
+    assert out[0].prompt_tokens == len(template.input_ids(tok, "Lowest Toxicity", "Hello there"))
+    assert out[2].prompt_tokens == len(template.input_ids(tok, None, "x"))
+
+
+def test_sample_is_deterministic_per_seed_and_independent_of_batching(tiny):
+    model, tok = tiny
+    requests = [(None, p) for p in ["The cat", "Once upon a time", "I think that", "Why"]]
+    a = sample(model, tok, Template(), requests, SampleSettings(max_new_tokens=5, batch_size=4), seed=3)
+    b = sample(model, tok, Template(), requests, SampleSettings(max_new_tokens=5, batch_size=4), seed=3)
+    assert [s.completion for s in a] == [s.completion for s in b]
+    assert all(s.completion_tokens >= 3 for s in a)
+
+
+def test_stop_ids_include_endoftext_and_eos(tiny):
+    _, tok = tiny
+    ids = stop_ids(tok)
+    assert tok.eos_token_id in ids
+    assert tok.convert_tokens_to_ids("<|endoftext|>") in ids
