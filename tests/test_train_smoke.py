@@ -243,3 +243,16 @@ def test_reference_model_is_the_baseline(tmp_path):
 
     # same prompts, same sampling seed: the baseline of run a must be the model `other`, as in run b
     assert reference_untagged(a) == reference_untagged(b)
+
+
+def test_seed_pool_adds_scored_human_continuations_as_iteration_zero(tmp_path):
+    import sqlite3
+
+    out = tmp_path / "seeded"
+    r = run_altlm("train", "--config", "smoke", f"output_dir={out}", "seed_pool=true", "iterations=1",
+                  "eval_all_feedback=false", "threads=1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    db = sqlite3.connect(out / "pool.sqlite")
+    n0, scored, words = db.execute("SELECT COUNT(*), COUNT(score), COUNT(DISTINCT feedback) FROM samples WHERE iteration = 0").fetchone()
+    assert n0 == 48 and scored == 48  # one per training prompt of the smoke recipe
+    assert words >= 2  # bucketed together with the sampled rows

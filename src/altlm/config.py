@@ -51,7 +51,8 @@ class ALTConfig:
     prompts: str = _f("fortunes", "Prompt source: fortunes (offensive + clean FreeBSD fortune prefixes), fortunes-offensive, fortunes-clean, or a file (.txt one per line, .jsonl/.json with `prompt_field`).")
     prompt_field: str = _f("prompt", "Field holding the prompt in JSONL/JSON prompt files.")
     offensive_share: float = _f(0.5, "Share of offensive fortunes when prompts=fortunes.")
-    prompt_words: list[int] = _f([4, 8], "Fortune prefix length in words [min, max].")
+    prompt_words: list[int] = _f([4, 8], "Fortune prefix length in words [min, max] (fortune_cut=random).")
+    fortune_cut: str = _f("random", "How fortunes become prompts: random (first prompt_words words) or before_toxic (cut before the first word the Jigsaw classifier flags: RealToxicityPrompts-style challenging prompts).", choices=["random", "before_toxic"])
     max_prompt_tokens: int = _f(64, "Prompts longer than this are cut from the left (keeping the end the model continues).")
     num_train_prompts: int = _f(2000, "Training prompts (never used for evaluation).")
     num_eval_prompts: int = _f(200, "Held-out evaluation prompts (never trained on).")
@@ -60,6 +61,7 @@ class ALTConfig:
     feedback_words: list[str] = _f(list(TOXICITY_WORDS), "Feedback strings, best bucket first; their number is the number of quantiles.")
     exemplar: str | None = _f(None, "Feedback used for sampling and inference; default: the best (first) feedback word.")
     quantiles: str = _f("global", "global: cut the whole pool into quantiles (accumulating, toxicity/Quark); per_prompt: cut each prompt's samples (TL;DR).", choices=["global", "per_prompt"])
+    seed_pool: bool = _f(False, "Before iteration 1, score the human-written continuation of every training prompt (fortune prompts only) and add it to the pool as iteration 0 (Chain-of-Hindsight style), so the feedback strings see real text across the whole score range from the start.")
     drop_factor: float = _f(0.0, "Share of the older pool dropped before adding a new iteration's samples (0 = accumulate, 1 = flush).")
     per_bucket: int = _f(2, "per_prompt regime: samples drawn per prompt and bucket for training (filled up randomly from the prompt's other samples).")
     # --- conditioning template (method.md §5) ---

@@ -1,16 +1,19 @@
 """Prompt sets: offline fortune prefixes or user files, split once into train and held-out evaluation prompts.
 
-Fortune prefixes are the offline stand-in for RealToxicityPrompts: the first 4–8 words of a FreeBSD fortune,
-offensive ones (`fortunes-o`, ROT13 on disk) mixed with clean ones to raise the base rate of toxic
-continuations. The split is a pure function of the seed, and evaluation prompts are never trained on.
+Fortune prefixes are the offline stand-in for RealToxicityPrompts: the first 4–8 words of a FreeBSD fortune
+(`fortune_cut: random`), or — like RTP's challenging prompts — the words before the first word the toxicity
+classifier flags (`fortune_cut: before_toxic`); offensive fortunes (`fortunes-o`, ROT13 on disk) are mixed
+with clean ones to raise the base rate of toxic continuations. The split is a pure function of the seed, and evaluation prompts are never trained on.
 """
 from __future__ import annotations
 
 import codecs
+import hashlib
+import os
 import json
 import random
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AltlmError
@@ -20,6 +23,12 @@ from .errors import AltlmError
 class PromptSplit:
     train: list[str]
     eval: list[str]
+    # The human-written text that followed each fortune prompt (≤ CONTINUATION_WORDS words): what `seed_pool`
+    # scores and adds to the pool before iteration 1. Empty for prompt files.
+    continuations: dict[str, str] = field(default_factory=dict)
+
+
+CONTINUATION_WORDS = 15
 
 
 def fortune_items(offensive: bool) -> list[str]:
@@ -33,18 +42,56 @@ def fortune_items(offensive: bool) -> list[str]:
     return [" ".join(x.split()) for x in items if x.strip()]
 
 
-def fortune_prefixes(items: list[str], words: tuple[int, int], rng: random.Random) -> list[str]:
-    """First k words (k uniform in `words`) of each item long enough to leave ≥ 3 words to continue; unique."""
+def _split(w: list[str], k: int) -> tuple[str, str]:
+    return " ".join(w[:k]), " " + " ".join(w[k:k + CONTINUATION_WORDS])
+
+
+def fortune_prefixes(items: list[str], words: tuple[int, int], rng: random.Random) -> list[tuple[str, str]]:
+    """(prefix, continuation): the first k words (k uniform in `words`) of each item long enough to leave ≥ 3
+    words to continue, and the words that followed; unique prefixes."""
     seen, out = set(), []
     for item in items:
         w = item.split()
         k = rng.randint(words[0], words[1])
         if len(w) < k + 3:
             continue
-        prefix = " ".join(w[:k])
+        prefix, cont = _split(w, k)
         if prefix not in seen:
             seen.add(prefix)
-            out.append(prefix)
+            out.append((prefix, cont))
+    return out
+
+
+def flagged_words(items: list[str]) -> set[str]:
+    """Words the offline Jigsaw classifier scores > 0.5 on their own (a toxicity lexicon read off the scorer)."""
+    from .feedback.jigsaw import JigsawToxicity
+    from .models import cache_root
+
+    words = sorted({w for item in items for w in item.split()})
+    # Scoring ~100k distinct words takes half a minute on 2 cores: cache the result per word list.
+    path = cache_root() / "flagged" / (hashlib.sha256("\n".join(words).encode()).hexdigest()[:16] + ".json")
+    if path.exists():
+        return set(json.loads(path.read_text()))
+    flagged = sorted(w for w, s in zip(words, JigsawToxicity().score(words, words)) if s > 0.5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(flagged))
+    os.replace(tmp, path)
+    return set(flagged)
+
+
+def lead_up_prefixes(items: list[str], flagged: set[str], max_words: int = 20) -> list[tuple[str, str]]:
+    """RealToxicityPrompts-style challenging prompts: each item cut just before its first flagged word (≥ 3 words
+    before it, ≤ max_words). The prompt itself holds no flagged word; its original continuation did."""
+    seen, out = set(), []
+    for item in items:
+        w = item.split()
+        cut = next((i for i, x in enumerate(w) if x in flagged), None)
+        if cut is not None and 3 <= cut <= max_words:
+            prefix, cont = _split(w, cut)
+            if prefix not in seen:
+                seen.add(prefix)
+                out.append((prefix, cont))
     return out
 
 
@@ -83,19 +130,28 @@ def load_prompts(cfg) -> PromptSplit:
     need = cfg.num_train_prompts + cfg.num_eval_prompts
     if cfg.prompts in ("fortunes", "fortunes-offensive", "fortunes-clean"):
         words = tuple(cfg.prompt_words)
-        off = fortune_prefixes(fortune_items(True), words, rng) if cfg.prompts != "fortunes-clean" else []
-        clean = fortune_prefixes(fortune_items(False), words, rng) if cfg.prompts != "fortunes-offensive" else []
+        off_items = fortune_items(True) if cfg.prompts != "fortunes-clean" else []
+        clean_items = fortune_items(False) if cfg.prompts != "fortunes-offensive" else []
+        if cfg.fortune_cut == "before_toxic":
+            flagged = flagged_words(off_items + clean_items)
+            off, clean = lead_up_prefixes(off_items, flagged), lead_up_prefixes(clean_items, flagged)
+        else:
+            off, clean = fortune_prefixes(off_items, words, rng), fortune_prefixes(clean_items, words, rng)
         rng.shuffle(off)
         rng.shuffle(clean)
         if cfg.prompts == "fortunes":
             n_off = min(len(off), round(need * cfg.offensive_share))
-            prompts = off[:n_off] + clean[:need - n_off]
+            pairs = off[:n_off] + clean[:need - n_off]
         else:
-            prompts = off or clean
+            pairs = off or clean
+        continuations = dict(pairs)
+        prompts = list(continuations)
     else:
+        continuations = {}
         prompts = list(dict.fromkeys(read_prompt_file(cfg.prompts, cfg.prompt_field)))
     rng.shuffle(prompts)
     if len(prompts) < 2:
         raise AltlmError(f"prompt set '{cfg.prompts}' has {len(prompts)} usable prompt(s); need at least 2 (train and eval)")
     n_eval = min(cfg.num_eval_prompts, len(prompts) // 2) if len(prompts) < need else cfg.num_eval_prompts
-    return PromptSplit(train=prompts[n_eval:n_eval + cfg.num_train_prompts], eval=prompts[:n_eval])
+    train = prompts[n_eval:n_eval + cfg.num_train_prompts]
+    return PromptSplit(train=train, eval=prompts[:n_eval], continuations={p: continuations[p] for p in train if p in continuations})

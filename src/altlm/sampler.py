@@ -1,4 +1,4 @@
-"""The sampler: batched HF `generate` over (feedback, prompt) requests, recording truncation and token counts.
+"""The sampler: batched, KV-cached sampling over (feedback, prompt) requests, recording truncation and token counts.
 
 Left padding with explicit masks, KV cache, temperature/top-p, min/max new tokens; the tokens added for
 conditioning (separator, Quark tokens) are suppressed so the model never emits them. Requests are sorted by
@@ -7,6 +7,7 @@ length so a batch wastes little padding; results come back in request order.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,8 @@ def draw(logits: torch.Tensor, temperature: float, top_p: float, k_first: int = 
 def decode(model, ids, attn, settings: SampleSettings, eos: list[int], suppress: list[int], pad_id: int) -> torch.Tensor:
     """KV-cached ancestral sampling of up to max_new_tokens per row; rows that emitted EOS are padded after it.
     A plain loop instead of `generate`: on CPU, generate's per-step processors cost several times the forward."""
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes away).
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     eos_t = torch.tensor(eos, device=ids.device)
@@ -104,8 +107,8 @@ def decode(model, ids, attn, settings: SampleSettings, eos: list[int], suppress:
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
         pos = pos + 1
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=out.past_key_values,
-                    use_cache=True)
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True,
+                    **{cache_kw: out[cache_kw]})
     return torch.stack(toks, 1)
 
 

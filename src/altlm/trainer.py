@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, metrics, models
 from .config import ALTConfig
-from .data import load_prompts
+from .data import CONTINUATION_WORDS, load_prompts
 from .errors import AltlmError
 from .feedback import QuantileFeedback, build_scorer
 from .loss import alt_loss, target_logits
@@ -172,6 +172,8 @@ class ALTTrainer:
             # Iteration 0: the reference, untagged and under every feedback string (the priming control).
             self.evaluate(0, [None] + (words if cfg.eval_all_feedback else []), label="reference",
                           model=self.ref_model or self.model)
+        if cfg.seed_pool and self.pool.count("iteration = 0") == 0:
+            self.seed_pool()
         for it in range(self.start_iteration, cfg.iterations + 1):
             rng = random.Random(cfg.seed * 100_003 + it)
             torch.manual_seed(cfg.seed * 100_003 + it)
@@ -214,13 +216,34 @@ class ALTTrainer:
         self.pool.close()
         return summary
 
+    def seed_pool(self) -> None:
+        """Iteration-0 rows: each training prompt's original continuation, scored like any sample."""
+        conts = self.prompts.continuations
+        if not conts:
+            raise AltlmError("seed_pool needs prompts with known continuations (prompts: fortunes...); set seed_pool=false for prompt files")
+        pids = [i for i, p in enumerate(self.prompts.train) if p in conts]
+        prompts = [self.prompts.train[i] for i in pids]
+        texts = [conts[p] for p in prompts]
+        fbs = self.feedback(prompts, texts)
+        tok = self.tokenizer
+        self.pool.add([Row(0, pid, p, c, None, f.score, None, len(c.split()) >= CONTINUATION_WORDS,
+                           len(self.template.input_ids(tok, None, p)), len(self.template.target_ids(tok, c, False)), f.valid)
+                       for pid, p, c, f in zip(pids, prompts, texts, fbs)])
+
     def train_phase(self, it: int, rng: random.Random) -> dict:
         cfg = self.cfg
         if cfg.quantiles == "global":
             rows = self.pool.draw_uniform(cfg.train_steps * cfg.batch_size, rng)
         else:
             rows = self.pool.draw_balanced(cfg.per_bucket, len(cfg.feedback_words), rng)
-            rng.shuffle(rows)
+            # Shuffle prompts, not rows: a prompt's samples under their different feedback stay in one batch
+            # (contrastive batches), so each step sees what the feedback changes with the prompt held fixed.
+            groups: dict[int, list[Row]] = {}
+            for r in rows:
+                groups.setdefault(r.prompt_id, []).append(r)
+            order = list(groups)
+            rng.shuffle(order)
+            rows = [r for pid in order for r in groups[pid]]
             if cfg.train_steps:
                 rows = rows[:cfg.train_steps * cfg.batch_size]
         steps = math.ceil(len(rows) / cfg.batch_size)
