@@ -151,12 +151,18 @@ def _batch(tok, sep_template: Template):
     return inputs, targets, prompts
 
 
-def test_target_logits_alignment_matches_unpadded_forward(fresh_tiny):
+@pytest.fixture()
+def sep_batch(fresh_tiny):
+    """The tiny model with the separator added, and a batch of three different-length (input, target) pairs."""
     model, tok = fresh_tiny
     t = Template(style="tag_separator")
     models.add_tokens(model, tok, *t.new_tokens([]))
     model.eval()
-    inputs, targets, prompts = _batch(tok, t)
+    return (model, tok, t, *_batch(tok, t))
+
+
+def test_target_logits_alignment_matches_unpadded_forward(sep_batch):
+    model, tok, t, inputs, targets, prompts = sep_batch
     with torch.no_grad():
         logits, tgt, mask = target_logits(model, inputs, targets, tok.pad_token_id)
         m = max(len(x) for x in targets)
@@ -176,13 +182,9 @@ def test_target_logits_alignment_matches_unpadded_forward(fresh_tiny):
                 assert not torch.allclose(got[1:], want[:-1], atol=1e-4)
 
 
-def test_kl_zero_when_policy_equals_reference(fresh_tiny):
-    model, tok = fresh_tiny
-    vocab = len(tok)
-    t = Template(style="tag_separator")
-    models.add_tokens(model, tok, *t.new_tokens([]))
-    model.eval()
-    inputs, targets, prompts = _batch(tok, t)
+def test_kl_zero_when_policy_equals_reference(sep_batch):
+    model, tok, t, inputs, targets, prompts = sep_batch
+    vocab = tok.convert_tokens_to_ids(t.separator_token)  # the size before the separator was added
     with torch.no_grad():
         pol, tgt, mask = target_logits(model, inputs, targets, tok.pad_token_id)
         ref, _, _ = target_logits(model, inputs, targets, tok.pad_token_id)

@@ -3,14 +3,15 @@
 Fortune prefixes are the offline stand-in for RealToxicityPrompts: the first 4–8 words of a FreeBSD fortune
 (`fortune_cut: random`), or — like RTP's challenging prompts — the words before the first word the toxicity
 classifier flags (`fortune_cut: before_toxic`); offensive fortunes (`fortunes-o`, ROT13 on disk) are mixed
-with clean ones to raise the base rate of toxic continuations. The split is a pure function of the seed, and evaluation prompts are never trained on.
+with clean ones to raise the base rate of toxic continuations. The split is a pure function of the seed, and
+evaluation prompts are never trained on.
 """
 from __future__ import annotations
 
 import codecs
 import hashlib
-import os
 import json
+import os
 import random
 import sysconfig
 from dataclasses import dataclass, field
@@ -42,24 +43,28 @@ def fortune_items(offensive: bool) -> list[str]:
     return [" ".join(x.split()) for x in items if x.strip()]
 
 
-def _split(w: list[str], k: int) -> tuple[str, str]:
-    return " ".join(w[:k]), " " + " ".join(w[k:k + CONTINUATION_WORDS])
+def _cut_all(items: list[str], cut) -> list[tuple[str, str]]:
+    """(prefix, continuation) for each item where `cut(words)` gives a word index; unique prefixes, item order."""
+    seen, out = set(), []
+    for item in items:
+        w = item.split()
+        k = cut(w)
+        if k is None:
+            continue
+        prefix = " ".join(w[:k])
+        if prefix not in seen:
+            seen.add(prefix)
+            out.append((prefix, " " + " ".join(w[k:k + CONTINUATION_WORDS])))
+    return out
 
 
 def fortune_prefixes(items: list[str], words: tuple[int, int], rng: random.Random) -> list[tuple[str, str]]:
     """(prefix, continuation): the first k words (k uniform in `words`) of each item long enough to leave ≥ 3
     words to continue, and the words that followed; unique prefixes."""
-    seen, out = set(), []
-    for item in items:
-        w = item.split()
+    def cut(w):
         k = rng.randint(words[0], words[1])
-        if len(w) < k + 3:
-            continue
-        prefix, cont = _split(w, k)
-        if prefix not in seen:
-            seen.add(prefix)
-            out.append((prefix, cont))
-    return out
+        return k if len(w) >= k + 3 else None
+    return _cut_all(items, cut)
 
 
 def flagged_words(items: list[str]) -> set[str]:
@@ -83,16 +88,10 @@ def flagged_words(items: list[str]) -> set[str]:
 def lead_up_prefixes(items: list[str], flagged: set[str], max_words: int = 20) -> list[tuple[str, str]]:
     """RealToxicityPrompts-style challenging prompts: each item cut just before its first flagged word (≥ 3 words
     before it, ≤ max_words). The prompt itself holds no flagged word; its original continuation did."""
-    seen, out = set(), []
-    for item in items:
-        w = item.split()
-        cut = next((i for i, x in enumerate(w) if x in flagged), None)
-        if cut is not None and 3 <= cut <= max_words:
-            prefix, cont = _split(w, cut)
-            if prefix not in seen:
-                seen.add(prefix)
-                out.append((prefix, cont))
-    return out
+    def cut(w):
+        k = next((i for i, x in enumerate(w) if x in flagged), None)
+        return k if k is not None and 3 <= k <= max_words else None
+    return _cut_all(items, cut)
 
 
 def read_prompt_file(path: str, field: str) -> list[str]:

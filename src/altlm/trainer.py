@@ -70,6 +70,8 @@ class ALTTrainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.prompts = load_prompts(cfg)
+        if cfg.seed_pool and not self.prompts.continuations:
+            raise AltlmError("seed_pool needs prompts with known continuations (prompts: fortunes...); set seed_pool=false for prompt files")
         self.template = Template.from_config(cfg)
         self.scorer = build_scorer(cfg.scorer)
         self.feedback = QuantileFeedback(self.scorer, cfg.feedback_words, cfg.quantiles)
@@ -219,15 +221,14 @@ class ALTTrainer:
     def seed_pool(self) -> None:
         """Iteration-0 rows: each training prompt's original continuation, scored like any sample."""
         conts = self.prompts.continuations
-        if not conts:
-            raise AltlmError("seed_pool needs prompts with known continuations (prompts: fortunes...); set seed_pool=false for prompt files")
         pids = [i for i, p in enumerate(self.prompts.train) if p in conts]
         prompts = [self.prompts.train[i] for i in pids]
         texts = [conts[p] for p in prompts]
         fbs = self.feedback(prompts, texts)
         tok = self.tokenizer
+        # token counts as the sampler records them: conditioned input (none here) and the body without EOS
         self.pool.add([Row(0, pid, p, c, None, f.score, None, len(c.split()) >= CONTINUATION_WORDS,
-                           len(self.template.input_ids(tok, None, p)), len(self.template.target_ids(tok, c, False)), f.valid)
+                           len(self.template.input_ids(tok, None, p)), len(tok(c, add_special_tokens=False).input_ids), f.valid)
                        for pid, p, c, f in zip(pids, prompts, texts, fbs)])
 
     def train_phase(self, it: int, rng: random.Random) -> dict:
