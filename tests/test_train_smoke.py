@@ -18,7 +18,7 @@ from altlm.config import TOXICITY_WORDS
 from altlm.feedback import quantile_buckets
 
 SMALL = ["threads=1", "num_train_prompts=16", "num_eval_prompts=2", "prompts_per_iteration=6", "samples_per_prompt=2",
-         "train_steps=2", "batch_size=4", "eval_samples_per_prompt=1", "max_new_tokens=8"]
+         "train_steps=2", "batch_size=4", "eval_samples_per_prompt=1", "max_new_tokens=8", "report=false"]
 
 
 def pool_rows(run: Path) -> list[dict]:
@@ -256,3 +256,109 @@ def test_seed_pool_adds_scored_human_continuations_as_iteration_zero(tmp_path):
     n0, scored, words = db.execute("SELECT COUNT(*), COUNT(score), COUNT(DISTINCT feedback) FROM samples WHERE iteration = 0").fetchone()
     assert n0 == 48 and scored == 48  # one per training prompt of the smoke recipe
     assert words >= 2  # bucketed together with the sampled rows
+
+
+def test_smoke_run_writes_its_report_and_pool_records(smoke):
+    _, run, _ = smoke
+    text = (run / "report.md").read_text()
+    for png in ("iterations.png", "pool.png", "steerability.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in text
+    pools = [x for x in jsonl(run / "metrics.jsonl") if x["kind"] == "iteration"]
+    assert [p["iteration"] for p in pools] == [1, 2]
+    for p in pools:
+        assert sum(p["bucket_counts"]) == p["pool_size"]
+        assert sum(p["new_bucket_distribution"]) == pytest.approx(1.0)
+
+
+def test_eval_run_reference_and_final(smoke):
+    base, run, _ = smoke
+    r = run_altlm("eval", "--run", str(run), "--num-prompts", "4", "--samples-per-prompt", "3", "--steer-samples-per-prompt", "1",
+                  "--perplexity-model", "tiny-smollm2", cwd=base)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["prompts"] == 4 and ev["metric"] == "toxicity" and ev["perplexity_model"] == "tiny-smollm2"
+    assert list(ev["results"]) == ["reference", "final"]
+    assert list(ev["results"]["reference"]) == ["<none>"]
+    assert list(ev["results"]["final"]) == TOXICITY_WORDS  # the exemplar first, then every other feedback
+    keys = {"avg_max_toxicity", "toxicity_prob", "toxicity_mean", "perplexity", "dist_1", "dist_2", "dist_3", "reward_mean",
+            "length_mean", "truncated_share"}
+    for model, blocks in ev["results"].items():
+        for fb, b in blocks.items():
+            assert keys <= set(b)
+            assert b["samples_per_prompt"] == (3 if fb in ("<none>", "Lowest Toxicity") else 1)
+            assert b["n"] == 4 * b["samples_per_prompt"]
+            assert b["reward_mean"] == pytest.approx(1 - b["toxicity_mean"])
+            assert b["perplexity"] is None or b["perplexity"] > 1  # a random tiny model: huge perplexities are dropped
+    st = ev["steerability"]
+    assert st["model"] == "final" and st["feedback"] == TOXICITY_WORDS and st["metric"] == "toxicity_mean"
+    blocks = ev["results"]["final"]
+    assert st["gap"] == pytest.approx(blocks["Maximum Toxicity"]["toxicity_mean"] - blocks["Lowest Toxicity"]["toxicity_mean"])
+    samples = jsonl(run / "eval.samples.jsonl")
+    assert len(samples) == 4 * 3 + 4 * 3 + 4 * 4 * 1
+    assert "avg max toxicity" in r.stdout and "wrote" in r.stdout
+    # the eval table then shows up in the report
+    assert run_altlm("report", str(run), cwd=base).returncode == 0
+    assert "`altlm eval` (4 prompts" in (run / "report.md").read_text()
+
+
+def test_eval_plain_model_on_a_prompt_file(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hello there"}\n{"prompt": "You are a"}\n')
+    r = run_altlm("eval", "--model", "tiny-smollm2", "--prompts", str(prompts), "--samples-per-prompt", "2",
+                  "--perplexity-model", "none", "--out", "out/e.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads((tmp_path / "out" / "e.json").read_text())
+    (block,) = ev["results"]["tiny-smollm2"].values()
+    assert block["n"] == 4 and block["perplexity"] is None
+    assert ev["steerability"]["spearman_rho"] is None
+
+
+def test_eval_bad_input(smoke, tmp_path):
+    base, run, _ = smoke
+    one_error_line(run_altlm("eval", "--run", str(tmp_path / "nope"), cwd=tmp_path), "not an altlm run folder")
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.yaml").write_text((run / "config.yaml").read_text())
+    one_error_line(run_altlm("eval", "--run", str(half), cwd=tmp_path), "has no checkpoint/")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\nnot json\n')
+    one_error_line(run_altlm("eval", "--run", str(run), "--prompts", str(bad), cwd=tmp_path), "line 2 is not JSON")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"prompt": "a dict, not a list"}')
+    one_error_line(run_altlm("eval", "--run", str(run), "--prompts", str(bad), cwd=tmp_path), "must hold a list")
+    one_error_line(run_altlm("eval", "--model", "tiny-smollm2", "--feedback", "x", cwd=tmp_path), "--feedback needs --run")
+
+
+def test_fine_tune_only_control_never_conditions(tmp_path):
+    from altlm import models
+    from altlm.template import Template
+
+    run = tmp_path / "control"
+    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "use_feedback=false", "iterations=2", *SMALL, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tok = models.load_tokenizer("tiny-smollm2")
+    plain = lambda row: len(Template().input_ids(tok, None, row["prompt"]))  # noqa: E731
+    # iteration 2 samples the policy without the exemplar: inputs are the bare prompts, as in iteration 1
+    assert all(row["prompt_tokens"] == plain(row) for row in pool_rows(run) if row["iteration"] == 2)
+    ok = tmp_path / "alt"
+    r = run_altlm("train", "--config", "smoke", f"output_dir={ok}", "iterations=2", *SMALL, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(row["prompt_tokens"] > plain(row) for row in pool_rows(ok) if row["iteration"] == 2)
+
+
+def test_report_to_tensorboard_writes_event_files(tmp_path):
+    run = tmp_path / "tb"
+    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "report_to=tensorboard", "iterations=1", *SMALL, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = list((run / "trackers").rglob("events.out.tfevents.*"))
+    assert events and sum(e.stat().st_size for e in events) > 200  # steps and evaluations were logged
+
+
+def test_report_to_a_missing_logger_is_one_line(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    r = run_altlm("train", "--config", "smoke", f"output_dir={tmp_path / 'w'}", "report_to=wandb", *SMALL, cwd=tmp_path)
+    one_error_line(r, "pip install wandb")
+    assert not (tmp_path / "w").exists()  # refused before any work

@@ -1,4 +1,4 @@
-"""Command line: `altlm train | generate | recipes`. Bad input → one line on stderr and exit code 2."""
+"""Command line: `altlm train | generate | eval | report | recipes`. Bad input → one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -61,7 +61,7 @@ def print_summary(s: dict) -> None:
         row("final", "(none)", s["final"]["untagged"])
     for fb, d in s["final"]["by_feedback"].items():
         row("final", fb + (" (exemplar)" if fb == s["exemplar"] else ""), d)
-    Console().print(t)
+    Console(width=None if sys.stdout.isatty() else 200).print(t)  # a log file should not wrap the table
     pct = lambda x: "n/a" if x is None else f"{-100 * x:+.1f}%"  # noqa: E731
     num = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     red, st = s["reduction"], s["steerability"]
@@ -112,6 +112,123 @@ def _generate(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    import time
+
+    from . import checkpoint, evaluation, models
+    from .config import ALTConfig, load_config, read_yaml
+    from .feedback import build_scorer
+    from .sampler import SampleSettings, inference_model
+    from .template import Template
+    from .trainer import autocast_dtype
+
+    t0 = time.time()
+    if args.samples_per_prompt < 1 or args.steer_samples_per_prompt < 0:
+        raise AltlmError("eval: --samples-per-prompt must be >= 1 and --steer-samples-per-prompt >= 0")
+    if args.run:
+        run = Path(args.run)
+        if not (run / "config.yaml").exists():
+            raise AltlmError(f"eval: '{run}' is not an altlm run folder (no config.yaml); pass the output_dir of `altlm train`")
+        if not (run / "checkpoint").exists():
+            raise AltlmError(f"eval: '{run}' has no checkpoint/ yet (no iteration finished); train or resume it first")
+        cfg = ALTConfig.from_dict(read_yaml(run / "config.yaml"), where=str(run / "config.yaml"))
+        prompts = eval_prompts(args, cfg)  # bad input is reported before any model is loaded
+        model, tok, meta = checkpoint.load(run / "checkpoint")
+        template = Template(**meta["template"])
+        new, init = template.new_tokens(meta["feedback_words"])
+        suppress = tok.convert_tokens_to_ids(new)
+        vocab, exemplar = meta["feedback_words"], meta["exemplar"]
+        reference = cfg.reference_model or meta["model"]
+        feedback = args.feedback or [exemplar] + [w for w in vocab if w != exemplar]
+        for fb in feedback:
+            if template.style == "quark" and fb not in vocab:
+                raise AltlmError(f"eval: --feedback {fb!r} is not a token of this Quark run; use one of {vocab}")
+        s = meta["sampling"]
+        out = Path(args.out) if args.out else run / "eval.json"
+    else:
+        if args.feedback:
+            raise AltlmError("eval: --feedback needs --run (a plain --model has no feedback template)")
+        cfg = load_config(None, [])
+        prompts = eval_prompts(args, cfg)
+        model, tok = models.load_model(args.model), models.load_tokenizer(args.model)
+        template, suppress, vocab, feedback, reference = Template(), [], [], [], None
+        s = {"temperature": cfg.eval_temperature, "top_p": cfg.eval_top_p, "min_new_tokens": cfg.min_new_tokens,
+             "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": cfg.max_prompt_tokens}
+        out = Path(args.out) if args.out else Path("eval.json")
+    settings = SampleSettings(s["temperature"], s["top_p"], s["min_new_tokens"], s["max_new_tokens"], 128, s["max_prompt_tokens"])
+    scorer = build_scorer(args.scorer or cfg.scorer)
+    amp = autocast_dtype("auto", model.device)
+    fluency = None if args.perplexity_model == "none" else evaluation.Fluency(args.perplexity_model, amp)
+    k, k_steer = args.samples_per_prompt, args.steer_samples_per_prompt
+    jobs = []
+    if args.run and not args.no_reference:
+        ref = models.load_model(reference, seed=meta["seed"])
+        models.add_tokens(ref, tok, new, init)  # the same vocabulary as the policy, so suppressed ids exist
+        jobs.append(("reference", ref, [evaluation.Condition(None, k)]))
+    conds = [evaluation.Condition(fb, k if (args.feedback or fb == feedback[0]) else k_steer) for fb in feedback]
+    jobs.append(("final" if args.run else args.model, model, [c for c in conds if c.k] or [evaluation.Condition(None, k)]))
+    results, records = {}, []
+    for label, m, cs in jobs:
+        results[label], recs = evaluation.evaluate(inference_model(m, amp), tok, template, prompts, cs, settings, scorer,
+                                                   suppress, args.seed, label, fluency)
+        records += recs
+    report = {"run": args.run, "model": args.model, "metric": scorer.name, "prompts": len(prompts),
+              "perplexity_model": None if fluency is None else fluency.name, "sampling": s, "seed": args.seed,
+              "results": results, "steerability": {**evaluation.steerability(results[jobs[-1][0]], vocab, f"{scorer.name}_mean"), "model": jobs[-1][0]},
+              "seconds": round(time.time() - t0, 1)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    evaluation.write_json(out, report)
+    samples_path = out.with_suffix(".samples.jsonl")
+    samples_path.unlink(missing_ok=True)
+    evaluation.append_jsonl(samples_path, records)
+    print_eval(report)
+    print(f"wrote {out} and {samples_path} ({report['seconds']:.0f} s)")
+    return 0
+
+
+def eval_prompts(args, cfg) -> list[str]:
+    from .data import load_prompts, read_prompt_file
+
+    prompts = read_prompt_file(args.prompts, "prompt") if args.prompts else load_prompts(cfg).eval
+    if args.num_prompts:
+        prompts = prompts[:args.num_prompts]
+    if not prompts:
+        raise AltlmError(f"eval: no prompts in {args.prompts or 'the run'}")
+    return prompts
+
+
+def print_eval(ev: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = ev["metric"]
+    t = Table(title=f"{m} on {ev['prompts']} prompts")
+    cols = [("k", "samples_per_prompt", "{}"), (f"avg max {m}", f"avg_max_{m}", "{:.4f}"), (f"{m} prob", f"{m}_prob", "{:.3f}"),
+            (f"{m} mean", f"{m}_mean", "{:.4f}"), ("ppl", "perplexity", "{:.1f}"), ("dist-1", "dist_1", "{:.3f}"),
+            ("dist-2", "dist_2", "{:.3f}"), ("dist-3", "dist_3", "{:.3f}"), ("reward", "reward_mean", "{:.4f}"),
+            ("length", "length_mean", "{:.1f}"), ("truncated", "truncated_share", "{:.3f}")]
+    for c in ["model", "feedback"] + [c[0] for c in cols]:
+        t.add_column(c)
+    for model, blocks in ev["results"].items():
+        for fb, b in blocks.items():
+            t.add_row(model, fb.replace("<none>", "(none)"), *["–" if b[key] is None else f.format(b[key]) for _, key, f in cols])
+    Console(width=None if sys.stdout.isatty() else 200).print(t)  # a log file should not wrap the table
+    st = ev["steerability"]
+    if st["spearman_rho"] is not None or st["gap"] is not None:
+        rho = "n/a" if st["spearman_rho"] is None else f"{st['spearman_rho']:.3f}"
+        print(f"steerability ({st['model']}, {st['metric']}): Spearman(feedback rank, metric) = {rho}, worst − best = {st['gap']:.4f}")
+
+
+def _report(args) -> int:
+    from .report import write_report
+
+    for d in args.runs:
+        if not Path(d).is_dir():
+            raise AltlmError(f"report: run folder '{d}' does not exist")
+    print(f"wrote {write_report([Path(d) for d in args.runs], Path(args.out) if args.out else None)}")
+    return 0
+
+
 def _recipes(args) -> int:
     from .config import RECIPES_DIR, read_yaml
 
@@ -143,6 +260,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per completion: prompt, feedback, completion")
     g.add_argument("prompts", nargs="*", metavar="PROMPT")
     g.set_defaults(fn=_generate)
+    e = sub.add_parser("eval", help="evaluate a run (reference vs final, under its feedback) or a plain model; writes eval.json")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run folder: evaluates its base model untagged and its checkpoint under feedback")
+    src.add_argument("--model", help="model id, alias or folder, evaluated without feedback")
+    e.add_argument("--prompts", help="prompt file (.txt one per line, .jsonl with 'prompt'); default: the run's held-out prompts")
+    e.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    e.add_argument("--feedback", nargs="+", metavar="TEXT", help="feedback strings, each at --samples-per-prompt "
+                   "(default: the exemplar at --samples-per-prompt, every other feedback string at --steer-samples-per-prompt)")
+    e.add_argument("--samples-per-prompt", type=int, default=25, help="k for avg max / probability (paper: 25)")
+    e.add_argument("--steer-samples-per-prompt", type=int, default=4, help="samples per prompt for the non-exemplar feedback strings (steerability; 0 skips them)")
+    e.add_argument("--perplexity-model", default="gemma3-270m", help="scoring LM for fluency, or 'none'")
+    e.add_argument("--scorer", choices=["jigsaw", "profanity", "vader"], help="default: the run's scorer (jigsaw for --model)")
+    e.add_argument("--no-reference", action="store_true", help="skip the reference model")
+    e.add_argument("--seed", type=int, default=7)
+    e.add_argument("--out", help="output file (default: <run>/eval.json, or ./eval.json for --model)")
+    e.set_defaults(fn=_eval)
+    rp = sub.add_parser("report", help="write report.md with plots for one or more run folders")
+    rp.add_argument("runs", nargs="+", metavar="DIR")
+    rp.add_argument("--out", help="output folder (default: the run folder; ./altlm-report for several runs)")
+    rp.set_defaults(fn=_report)
     r = sub.add_parser("recipes", help="list shipped recipes")
     r.set_defaults(fn=_recipes)
     return p
@@ -151,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep the terminal for our progress and tables
+    # transformers' "Loading weights" bars follow the hub's switch: loading takes seconds, logs should stay readable
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:

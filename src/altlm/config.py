@@ -64,6 +64,7 @@ class ALTConfig:
     seed_pool: bool = _f(False, "Before iteration 1, score the human-written continuation of every training prompt (fortune prompts only) and add it to the pool as iteration 0 (Chain-of-Hindsight style), so the feedback strings see real text across the whole score range from the start.")
     drop_factor: float = _f(0.0, "Share of the older pool dropped before adding a new iteration's samples (0 = accumulate, 1 = flush).")
     per_bucket: int = _f(2, "per_prompt regime: samples drawn per prompt and bucket for training (filled up randomly from the prompt's other samples).")
+    use_feedback: bool = _f(True, "False runs the same loop with the feedback left out of sampling and training inputs: the fine-tune-only control, showing what training on the model's own samples gives without conditioning.")
     # --- conditioning template (method.md §5) ---
     template: str = _f("tag_separator", "tag_separator: [feedback][<|separator|>][prompt]; prefix: prefix_format then prompt; quark: feedback words become new special tokens.", choices=["tag_separator", "prefix", "quark"])
     prefix_format: str = _f("{feedback} input: ", "For template=prefix: text before the prompt, with {feedback}. Paper: '{feedback} input: ', 'feedback: {feedback} input: ', '{feedback}.\\n\\n'.")
@@ -97,6 +98,10 @@ class ALTConfig:
     eval_every: int = _f(1, "Evaluate under the exemplar every N iterations (the final iteration is always evaluated under every feedback).")
     eval_feedback: list[str] | None = _f(None, "Feedback strings evaluated at the end, on the reference and the final model (default: all feedback_words).")
     eval_all_feedback: bool = _f(True, "At the end, also evaluate the reference and final model under every feedback string (steerability and priming control).")
+    perplexity_model: str | None = _f(None, "Scoring LM for fluency (perplexity of each completion given its prompt) at every evaluation, e.g. gemma3-270m or an HF id; None skips it (`altlm eval` computes it by default).")
+    # --- logging ---
+    report_to: str = _f("none", "Also log steps and evaluations through accelerate trackers: none, tensorboard, wandb or all (logs under <output_dir>/trackers).", choices=["none", "tensorboard", "wandb", "all"])
+    report: bool = _f(True, "Write report.md with plots (altlm report) at the end of the run.")
 
     # ---------------------------------------------------------------------
     def __post_init__(self):

@@ -103,10 +103,20 @@ def read_prompt_file(path: str, field: str) -> list[str]:
     except UnicodeDecodeError as e:
         raise AltlmError(f"prompt file '{path}' is not UTF-8 (byte {e.start}); re-encode it as UTF-8") from None
     if p.suffix in (".jsonl", ".json"):
-        try:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()] if p.suffix == ".jsonl" else json.loads(text)
-        except json.JSONDecodeError as e:
-            raise AltlmError(f"prompt file '{path}': invalid JSON at line {e.lineno}: {e.msg}") from None
+        if p.suffix == ".jsonl":
+            records = []
+            for n, line in enumerate(text.splitlines(), 1):
+                try:
+                    records += [json.loads(line)] if line.strip() else []
+                except json.JSONDecodeError as e:
+                    raise AltlmError(f"prompt file '{path}': line {n} is not JSON ({e.msg}); write one JSON object per line") from None
+        else:
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise AltlmError(f"prompt file '{path}': invalid JSON at line {e.lineno}: {e.msg}") from None
+            if not isinstance(records, list):
+                raise AltlmError(f"prompt file '{path}': a .json prompt file must hold a list (of strings or objects with '{field}'), got {type(records).__name__}")
         prompts = []
         for n, r in enumerate(records, 1):
             if isinstance(r, str):

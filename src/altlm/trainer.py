@@ -23,7 +23,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from . import checkpoint, metrics, models
+from . import checkpoint, evaluation, metrics, models
 from .config import ALTConfig
 from .data import CONTINUATION_WORDS, load_prompts
 from .errors import AltlmError
@@ -49,23 +49,11 @@ def autocast_dtype(precision: str, device: torch.device):
     return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else None
 
 
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 class ALTTrainer:
     def __init__(self, cfg: ALTConfig, resume: bool = False):
         self.cfg, self.run = cfg, Path(cfg.output_dir)
         self.start_iteration = self._check_run_folder(resume)  # read-only: bad input below leaves no folder behind
+        self.tracker = self._tracker()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -95,9 +83,12 @@ class ALTTrainer:
             self._load_weights(self.run / "checkpoint")
         self.device = next(self.model.parameters()).device
         self.amp = autocast_dtype(cfg.precision, self.device)
+        self.fluency = evaluation.Fluency(cfg.perplexity_model, self.amp) if cfg.perplexity_model else None
         self._open_run_folder()
         self.pool = Pool(self.run / "pool.sqlite")
         self.pool.rollback(self.start_iteration)  # drop rows of an iteration that was killed half-way
+        self.global_step = sum(1 for line in open(self.run / "metrics.jsonl") if '"kind": "step"' in line) \
+            if (self.run / "metrics.jsonl").exists() else 0
         self.train_settings = SampleSettings(cfg.temperature, cfg.top_p, cfg.min_new_tokens, cfg.max_new_tokens,
                                              cfg.sample_batch_size, cfg.max_prompt_tokens)
         self.eval_settings = SampleSettings(cfg.eval_temperature, cfg.eval_top_p, cfg.min_new_tokens, cfg.max_new_tokens,
@@ -144,7 +135,26 @@ class ALTTrainer:
         tmp = cfg_path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False, allow_unicode=True))
         os.replace(tmp, cfg_path)
-        write_json(self.run / "state.json", {"iteration_done": 0, "finished": False})
+        evaluation.write_json(self.run / "state.json", {"iteration_done": 0, "finished": False})
+
+    def _tracker(self):
+        """accelerate's trackers (TensorBoard, W&B) when `report_to` asks for them; checked before any work."""
+        want = self.cfg.report_to
+        if want == "none":
+            return None
+        from accelerate import Accelerator
+        from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+        for name, ok, pkg in (("tensorboard", is_tensorboard_available, "tensorboardX"), ("wandb", is_wandb_available, "wandb")):
+            if want in (name, "all") and not ok():
+                raise AltlmError(f"report_to={want} needs the {name} logger; pip install {pkg} (or set report_to=none)")
+        acc = Accelerator(cpu=True, log_with=want, project_dir=str(self.run / "trackers"))
+        acc.init_trackers(self.run.name or "altlm", config={k: str(v) for k, v in self.cfg.to_dict().items()})
+        return acc
+
+    def track(self, step: int, values: dict) -> None:
+        if self.tracker is not None:
+            self.tracker.log({k: v for k, v in values.items() if isinstance(v, (int, float)) and v == v}, step=step)
 
     def _load_weights(self, folder: Path) -> None:
         if self.cfg.training_mode == "lora":
@@ -181,7 +191,7 @@ class ALTTrainer:
             torch.manual_seed(cfg.seed * 100_003 + it)
 
             # 1. Sample: the reference unconditioned first, then the policy under the exemplar feedback.
-            feedback = None if it == 1 else cfg.exemplar_text
+            feedback = None if (it == 1 or not cfg.use_feedback) else cfg.exemplar_text
             prompt_ids = rng.sample(range(len(self.prompts.train)), min(cfg.prompts_per_iteration, len(self.prompts.train)))
             requests = [(pid, self.prompts.train[pid]) for pid in prompt_ids for _ in range(cfg.samples_per_prompt)]
             # (Without a separate reference_model, the untrained policy *is* the reference at iteration 1.)
@@ -199,6 +209,12 @@ class ALTTrainer:
             active = self.pool.rows()
             buckets, texts = self.feedback.rebucket([r.score for r in active], [r.prompt_id for r in active])
             self.pool.set_feedback([r.id for r in active], buckets, texts)
+            new_buckets = [b for r, b in zip(active, buckets) if r.iteration == it]
+            pool_record = {"pool_size": len(active), "sample_score_mean": metrics.mean([f.score for f in fbs]),
+                           "bucket_counts": [buckets.count(b) for b in range(len(cfg.feedback_words))],
+                           "new_bucket_distribution": metrics.bucket_distribution(new_buckets, len(cfg.feedback_words))}
+            evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "iteration", "iteration": it, **pool_record}])
+            self.track(it, {"pool/score_mean": pool_record["sample_score_mean"], "pool/size": len(active)})
 
             # 4. Train on feedback + prompt → completion, drawn from the pool.
             train_stats = self.train_phase(it, rng)
@@ -207,15 +223,19 @@ class ALTTrainer:
             last = it == cfg.iterations
             if last or it % cfg.eval_every == 0:
                 conditions = ([None] + words) if (last and cfg.eval_all_feedback) else [cfg.exemplar_text]
-                self.evaluate(it, conditions, label="policy", extra={"train": train_stats,
-                              "pool_size": len(active), "bucket_counts": [buckets.count(b) for b in range(len(cfg.feedback_words))],
-                              "sample_score_mean": metrics.mean([f.score for f in fbs])})
+                self.evaluate(it, conditions, label="policy", extra={"train": train_stats, **pool_record})
             checkpoint.save(self.model, self.tokenizer, self.run / "checkpoint", self._meta(it))
-            write_json(self.run / "state.json", {"iteration_done": it, "finished": last})
+            evaluation.write_json(self.run / "state.json", {"iteration_done": it, "finished": last})
 
         summary = self.summarize(time.time() - t0)
-        write_json(self.run / "summary.json", summary)
+        evaluation.write_json(self.run / "summary.json", summary)
         self.pool.close()
+        if self.tracker is not None:
+            self.tracker.end_training()
+        if cfg.report:
+            from .report import write_report
+
+            write_report([self.run], self.run)
         return summary
 
     def seed_pool(self) -> None:
@@ -257,7 +277,8 @@ class ALTTrainer:
         tok, totals, t0 = self.tokenizer, {"loss": 0.0, "nll": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0}, time.time()
         for step in tqdm(range(steps), desc=f"iter {it} training", leave=False, disable=None):
             batch = rows[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            inputs = [self.template.input_ids(tok, r.feedback, r.prompt, cfg.max_prompt_tokens) for r in batch]
+            inputs = [self.template.input_ids(tok, r.feedback if cfg.use_feedback else None, r.prompt, cfg.max_prompt_tokens)
+                      for r in batch]
             targets = [self.template.target_ids(tok, r.completion, bool(r.truncated)) for r in batch]
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                 logits, tgt, mask = target_logits(self.model, inputs, targets, tok.pad_token_id)
@@ -279,8 +300,10 @@ class ALTTrainer:
             for k in ("nll", "kl", "entropy", "tokens"):
                 totals[k] += stats[k] * (1 if k == "tokens" else stats["tokens"])
             totals["loss"] += loss.item() * stats["tokens"]
-            append_jsonl(self.run / "metrics.jsonl", {"kind": "step", "iteration": it, "step": step,
-                                                      "loss": loss.item(), **stats, "lr": sched.get_last_lr()[0]})
+            record = {"loss": loss.item(), **stats, "lr": sched.get_last_lr()[0]}
+            evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "step", "iteration": it, "step": step, **record}])
+            self.track(self.global_step, {f"train/{k}": v for k, v in record.items()})
+            self.global_step += 1
         n = max(totals["tokens"], 1)
         return {"steps": steps, "examples": len(rows), "seconds": round(time.time() - t0, 2),
                 **{k: totals[k] / n for k in ("loss", "nll", "kl", "entropy")}, "tokens": totals["tokens"]}
@@ -295,23 +318,14 @@ class ALTTrainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, it: int, conditions: list[str | None], label: str, extra: dict | None = None, model=None) -> dict:
         cfg = self.cfg
-        k = cfg.eval_samples_per_prompt
-        out, model = {}, inference_model(model or self.model, self.amp)
-        for fb in conditions:
-            requests = [(fb, p) for p in self.prompts.eval for _ in range(k)]
-            # The same seed for every model and condition: differences come from the model, not the dice.
-            samples = sample(model, self.tokenizer, self.template, requests, self.eval_settings, self.added_ids,
-                             seed=cfg.seed + 7, desc=f"eval {label} [{fb or 'no feedback'}]")
-            comps = [s.completion for s in samples]
-            scores = self.scorer.score([p for _, p in requests], comps)
-            out[fb or "<none>"] = metrics.summarize(self.scorer.name, scores, comps, k, [s.truncated for s in samples],
-                                                    [s.completion_tokens for s in samples])
-            with open(self.run / "eval_samples.jsonl", "a") as f:
-                for (_, p), c, s in zip(requests, comps, scores):
-                    f.write(json.dumps({"iteration": it, "model": label, "feedback": fb, "prompt": p,
-                                        "completion": c, "score": s}) + "\n")
-        record = {"kind": "eval", "iteration": it, "model": label, "by_feedback": out, **(extra or {})}
-        append_jsonl(self.run / "metrics.jsonl", record)
+        blocks, records = evaluation.evaluate(
+            inference_model(model or self.model, self.amp), self.tokenizer, self.template, self.prompts.eval,
+            [evaluation.Condition(fb, cfg.eval_samples_per_prompt) for fb in conditions], self.eval_settings,
+            self.scorer, self.added_ids, cfg.seed + 7, label, self.fluency)
+        evaluation.append_jsonl(self.run / "eval_samples.jsonl", [{"iteration": it, **r} for r in records])
+        record = {"kind": "eval", "iteration": it, "model": label, "by_feedback": blocks, **(extra or {})}
+        evaluation.append_jsonl(self.run / "metrics.jsonl", [record])
+        self.track(it, {f"eval/{label}/{k}/{m}": v for k, b in blocks.items() for m, v in b.items()})
         return record
 
     def summarize(self, wall: float) -> dict:
@@ -320,17 +334,16 @@ class ALTTrainer:
         ref = next(e for e in evals if e["model"] == "reference")["by_feedback"]
         final = [e for e in evals if e["model"] == "policy"][-1]["by_feedback"]
         words = [w for w in cfg.feedback_words if w in final]
-        keys = [f"{name}_mean", f"{name}_gt_0_5", f"avg_max_{name}", f"{name}_prob", "dist_2"]
-        pick = lambda m: {k: m[k] for k in keys}  # noqa: E731
+        keys = [f"{name}_mean", f"{name}_gt_0_5", f"avg_max_{name}", f"{name}_prob", "dist_2", "reward_mean", "perplexity"]
+        pick = lambda m: {k: m.get(k) for k in keys}  # noqa: E731
         ex = cfg.exemplar_text
-        rho = metrics.spearman(list(range(len(words))), [final[w][f"{name}_mean"] for w in words]) if len(words) > 1 else None
         summary = {
             "wall_seconds": round(wall, 1), "metric": name, "exemplar": ex, "eval_prompts": len(self.prompts.eval),
             "eval_samples_per_prompt": cfg.eval_samples_per_prompt,
             "reference": {**pick(ref["<none>"]), "by_feedback": {w: pick(ref[w]) for w in words if w in ref}},
             "final": {**pick(final[ex]), "untagged": pick(final["<none>"]) if "<none>" in final else None,
                       "by_feedback": {w: pick(final[w]) for w in words}},
-            "steerability": {"spearman_rho": rho, "gap": (final[words[-1]][f"{name}_mean"] - final[words[0]][f"{name}_mean"]) if len(words) > 1 else None},
+            "steerability": evaluation.steerability(final, cfg.feedback_words, f"{name}_mean"),
             "iterations": [{"iteration": e["iteration"], f"{name}_mean": e["by_feedback"][ex][f"{name}_mean"] if ex in e["by_feedback"] else None,
                             "train": e.get("train")} for e in evals if e["model"] == "policy"],
         }

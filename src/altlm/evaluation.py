@@ -1,0 +1,118 @@
+"""Evaluation: sample a model on held-out prompts under feedback conditions, score the samples, and reduce them to
+metric blocks (metrics.summarize). Shared by the trainer's per-iteration evaluation and `altlm eval`, so both
+report the same numbers for the same settings.
+
+Also owns fluency: the perplexity of each completion given its prompt under a separate scoring LM.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics, models
+from .loss import target_logits
+from .sampler import SampleSettings, sample
+from .template import Template
+
+
+def clean(x):
+    """NaN/inf → None, recursively: JSON has no NaN, and a metric that is undefined should read as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    return x
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic: a reader never sees half a file, a killed writer leaves the old one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(clean(data), indent=2))
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(clean(r)) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class Fluency:
+    """Perplexity of completions given their prompts under a scoring LM (`gemma3-270m` offline, any HF id online).
+    Prompt and completion are tokenised separately with the scoring LM's own tokenizer (BOS before the prompt),
+    so the completion's tokens are exactly its own; a completion with no tokens has no perplexity (NaN)."""
+
+    def __init__(self, name: str, dtype=None, batch_size: int = 16):
+        from .sampler import inference_model
+
+        self.name, self.batch_size = name, batch_size
+        self.tokenizer = models.load_tokenizer(name)
+        self.model = inference_model(models.load_model(name), dtype)
+
+    @torch.no_grad()
+    def perplexities(self, prompts: list[str], completions: list[str]) -> list[float]:
+        tok = self.tokenizer
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        inputs = [bos + tok(p, add_special_tokens=False).input_ids for p in prompts]
+        targets = [tok(c, add_special_tokens=False).input_ids for c in completions]
+        out = [float("nan")] * len(prompts)
+        todo = sorted((i for i in range(len(prompts)) if targets[i]), key=lambda i: len(inputs[i]) + len(targets[i]))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        for s in tqdm(range(0, len(todo), self.batch_size), desc=f"perplexity ({self.name})", leave=False, disable=None):
+            idx = todo[s:s + self.batch_size]
+            logits, tgt, mask = target_logits(self.model, [inputs[i] for i in idx], [targets[i] for i in idx], pad)
+            nll = -torch.log_softmax(logits.float(), -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+            per_seq = (nll * mask).sum(-1) / mask.sum(-1)
+            for i, v in zip(idx, per_seq.tolist()):
+                out[i] = math.exp(min(v, 700.0))  # exp overflows past ~709; anything this large is over the cap anyway
+        return out
+
+
+@dataclass
+class Condition:
+    """One evaluated setting: a feedback string (None = no conditioning) and the samples drawn per prompt."""
+
+    feedback: str | None
+    k: int
+
+    @property
+    def key(self) -> str:
+        return self.feedback if self.feedback is not None else "<none>"
+
+
+def evaluate(model, tokenizer, template: Template, prompts: list[str], conditions: list[Condition],
+             settings: SampleSettings, scorer, suppress: list[int], seed: int, label: str,
+             fluency: Fluency | None = None) -> tuple[dict[str, dict], list[dict]]:
+    """(metric block per condition key, one record per sample). `model` must be ready for sampling
+    (sampler.inference_model). Every condition uses the same seed: differences come from the model and the
+    feedback, not from the dice."""
+    blocks, records = {}, []
+    for c in conditions:
+        requests = [(c.feedback, p) for p in prompts for _ in range(c.k)]
+        samples = sample(model, tokenizer, template, requests, settings, suppress, seed=seed,
+                         desc=f"eval {label} [{c.feedback or 'no feedback'}]")
+        comps = [s.completion for s in samples]
+        ps = [p for _, p in requests]
+        scores = scorer.score(ps, comps)
+        ppl = fluency.perplexities(ps, comps) if fluency else None
+        blocks[c.key] = metrics.summarize(scorer.name, scores, comps, c.k, [s.truncated for s in samples],
+                                          [s.completion_tokens for s in samples], scorer.higher_is_better, ppl)
+        records += [{"model": label, "feedback": c.feedback, "prompt": p, "completion": comp, "score": sc,
+                     **({"perplexity": pp} if ppl else {})}
+                    for i, ((_, p), comp, sc) in enumerate(zip(requests, comps, scores)) for pp in [ppl[i] if ppl else None]]
+    return blocks, records
+
+
+def steerability(blocks: dict[str, dict], vocabulary: list[str], metric: str) -> dict:
+    """metrics.steerability over the feedback strings of `vocabulary` (best first) that were evaluated."""
+    words = [w for w in vocabulary if w in blocks]
+    return {**metrics.steerability([blocks[w][metric] for w in words]), "metric": metric, "feedback": words}

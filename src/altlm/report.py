@@ -1,0 +1,266 @@
+"""The run report: `report.md` with PNG plots, from what a run folder already holds (nothing is re-run).
+
+Reads metrics.jsonl (per-iteration evaluations, pool records, training steps), summary.json, eval.json (from
+`altlm eval`, if present), pool.sqlite (scores and buckets) and eval_samples.jsonl (sample tables). With several
+run folders: one side-by-side table and overlaid per-iteration curves, then each run's own section.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import yaml
+
+from . import metrics
+from .errors import AltlmError
+
+# Samples shown in the best/worst tables; enough to see a pattern, few enough to read.
+TABLE_ROWS = 5
+
+
+def read_run(folder: Path) -> dict:
+    folder = Path(folder)
+    if not (folder / "metrics.jsonl").exists() or not (folder / "config.yaml").exists():
+        raise AltlmError(f"report: '{folder}' is not an altlm run folder (no metrics.jsonl/config.yaml); pass the output_dir of `altlm train`")
+    records = []
+    for n, line in enumerate(open(folder / "metrics.jsonl"), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if line.endswith("\n"):  # a torn last line is what a killed run leaves; anything else is damage
+                raise AltlmError(f"report: {folder / 'metrics.jsonl'} line {n} is not JSON; the file is damaged") from None
+    load = lambda name: json.loads((folder / name).read_text()) if (folder / name).exists() else None  # noqa: E731
+    run = {"name": folder.name, "folder": folder, "config": yaml.safe_load((folder / "config.yaml").read_text()) or {},
+           "evals": [r for r in records if r.get("kind") == "eval"],
+           "iterations": [r for r in records if r.get("kind") == "iteration"],
+           "steps": [r for r in records if r.get("kind") == "step"],
+           "summary": load("summary.json"), "eval": load("eval.json"), "pool": [], "samples": []}
+    if (folder / "pool.sqlite").exists():
+        db = sqlite3.connect(f"file:{folder / 'pool.sqlite'}?mode=ro", uri=True)
+        run["pool"] = db.execute("SELECT iteration, score, bucket FROM samples WHERE dropped_at IS NULL AND valid = 1").fetchall()
+        db.close()
+    if (folder / "eval_samples.jsonl").exists():
+        run["samples"] = [json.loads(line) for line in open(folder / "eval_samples.jsonl") if line.endswith("\n")]
+    return run
+
+
+def _metric(run: dict) -> str:
+    if run["summary"]:
+        return run["summary"]["metric"]
+    for e in run["evals"]:
+        for block in e["by_feedback"].values():
+            return next(k[:-5] for k in block if k.endswith("_mean") and k not in ("reward_mean", "length_mean"))
+    return "score"
+
+
+def _exemplar(run: dict) -> str:
+    c = run["config"]
+    return c.get("exemplar") or c.get("feedback_words", ["?"])[0]
+
+
+def _curve(run: dict, key: str) -> tuple[list[int], list[float]]:
+    """(iterations, value) of `key` under the exemplar; iteration 0 is the untagged reference."""
+    xs, ys, ex = [], [], _exemplar(run)
+    for e in run["evals"]:
+        block = e["by_feedback"].get("<none>" if e["model"] == "reference" else ex)
+        if block and block.get(key) is not None:
+            xs.append(e["iteration"])
+            ys.append(block[key])
+    return xs, ys
+
+
+def _fmt(x, digits: int = 4) -> str:
+    return "–" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+
+
+def _cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "⏎").strip() or "(empty)"
+
+
+def plot_iterations(runs: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    m = _metric(runs[0])
+    panels = [(f"{m}_mean", f"{m} mean (exemplar; 0 = reference)"), (f"{m}_gt_0_5", f"share of samples with {m} > 0.5"),
+              ("dist_2", "dist-2"), ("perplexity", "perplexity (scoring LM)")]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (key, title) in zip(axes.flat, panels):
+        curves = [(run["name"], *_curve(run, key)) for run in runs]
+        for name, xs, ys in curves:
+            ax.plot(xs, ys, marker="o", label=name)
+        if not any(xs for _, xs, _ in curves):
+            ax.text(0.5, 0.5, "not computed" + (" (perplexity_model: none)" if key == "perplexity" else ""),
+                    ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+    for ax, key in zip(axes.flat[4:], ("nll", "kl")):
+        for run in runs:
+            its = sorted({s["iteration"] for s in run["steps"]})
+            ax.plot(its, [metrics.mean([s[key] for s in run["steps"] if s["iteration"] == i]) for i in its], marker="o", label=run["name"])
+        ax.set_title(f"training {key} (mean over the iteration's steps)")
+        ax.set_xlabel("iteration")
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_pool(run: dict, path: Path) -> None:
+    """Left: each iteration's new samples per feedback bucket. Right: scores of the active pool by bucket."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    words = run["config"].get("feedback_words", [])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.5))
+    its = run["iterations"]
+    bottom = [0.0] * len(its)
+    for k, w in enumerate(words):
+        share = [(r.get("new_bucket_distribution") or [0] * len(words))[k] or 0.0 for r in its]
+        a.bar([r["iteration"] for r in its], share, bottom=bottom, label=w)
+        bottom = [x + y for x, y in zip(bottom, share)]
+    a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    a.set_title("new samples per feedback bucket")
+    a.set_xlabel("iteration")
+    a.legend(fontsize=7)
+    for k, w in enumerate(words):
+        scores = [s for _, s, bk in run["pool"] if bk == k and s is not None]
+        if scores:
+            b.hist(scores, bins=40, alpha=0.55, label=w, log=True)
+    b.set_title(f"{_metric(run)} of the active pool, by bucket")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def steer_table(run: dict) -> list[tuple[str, str, dict]]:
+    """(model, feedback, block) for the reference eval and the last policy eval, untagged first."""
+    out = []
+    for e in [next((e for e in run["evals"] if e["model"] == "reference"), None),
+              next((e for e in reversed(run["evals"]) if e["model"] == "policy"), None)]:
+        if e:
+            out += [(e["model"], fb, block) for fb, block in e["by_feedback"].items()]
+    return out
+
+
+def plot_steer(run: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    m = _metric(run)
+    rows = steer_table(run)
+    labels = list(dict.fromkeys(fb for _, fb, _ in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5))
+    width = 0.38
+    for j, model in enumerate(("reference", "policy")):
+        vals = {fb: blk[f"{m}_mean"] for mm, fb, blk in rows if mm == model}
+        ax.bar([i + (j - 0.5) * width for i in range(len(labels))], [vals.get(fb, 0.0) or 0.0 for fb in labels], width,
+               label="reference" if model == "reference" else "final")
+    ax.set_xticks(range(len(labels)), [fb.replace("<none>", "(none)") for fb in labels], rotation=20, fontsize=8)
+    ax.set_ylabel(f"{m} mean")
+    ax.set_title("steerability: the metric under each feedback")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _run_section(run: dict, out: Path, prefix: str) -> list[str]:
+    m, ex = _metric(run), _exemplar(run)
+    lines = [f"## {run['name']}", "", f"`{run['folder']}` — {run['config'].get('description', '')}", ""]
+    s = run["summary"]
+    if s:
+        red = s.get("reduction", {})
+        st = s.get("steerability", {})
+        lines += [f"- exemplar **{ex}**: {m} mean {_fmt(s['final'][f'{m}_mean'])} vs {_fmt(s['reference'][f'{m}_mean'])} untagged reference "
+                  f"({_fmt(-100 * red[f'{m}_mean'], 1) if red.get(f'{m}_mean') is not None else '–'}%)",
+                  f"- steerability: Spearman(feedback rank, {m}) = {_fmt(st.get('spearman_rho'), 3)}, worst − best = {_fmt(st.get('gap'))}",
+                  f"- wall time {_fmt(s['wall_seconds'], 0)} s", ""]
+    rows = steer_table(run)
+    if rows:
+        lines += [f"| model | feedback | {m} mean | > 0.5 | avg max | prob | dist-2 | ppl | length | truncated |", "|---" * 10 + "|"]
+        for model, fb, b in rows:
+            lines.append(f"| {model} | {fb.replace('<none>', '(none)')} | {_fmt(b.get(f'{m}_mean'))} | {_fmt(b.get(f'{m}_gt_0_5'))} | "
+                         f"{_fmt(b.get(f'avg_max_{m}'))} | {_fmt(b.get(f'{m}_prob'))} | {_fmt(b.get('dist_2'), 3)} | "
+                         f"{_fmt(b.get('perplexity'), 1)} | {_fmt(b.get('length_mean'), 1)} | {_fmt(b.get('truncated_share'), 3)} |")
+        lines.append("")
+    if run["eval"]:
+        lines += eval_lines(run["eval"]) + [""]
+    for name, fn in ((f"{prefix}steerability.png", plot_steer), (f"{prefix}pool.png", plot_pool)):
+        if (fn is plot_steer and rows) or (fn is plot_pool and run["iterations"]):
+            fn(run, out / name)
+            lines += [f"![{name}]({name})", ""]
+    lines += sample_lines(run)
+    return lines
+
+
+def eval_lines(ev: dict) -> list[str]:
+    m = ev["metric"]
+    lines = [f"`altlm eval` ({ev['prompts']} prompts; samples per prompt per row):", "",
+             f"| model | feedback | k | avg max {m} | {m} prob | {m} mean | ppl | dist-1 | dist-2 | dist-3 | reward | length | truncated |",
+             "|---" * 13 + "|"]
+    for model, blocks in ev["results"].items():
+        for fb, b in blocks.items():
+            lines.append(f"| {model} | {fb.replace('<none>', '(none)')} | {b['samples_per_prompt']} | {_fmt(b[f'avg_max_{m}'])} | {_fmt(b[f'{m}_prob'])} | "
+                         f"{_fmt(b[f'{m}_mean'])} | {_fmt(b['perplexity'], 1)} | {_fmt(b['dist_1'], 3)} | {_fmt(b['dist_2'], 3)} | "
+                         f"{_fmt(b['dist_3'], 3)} | {_fmt(b['reward_mean'])} | {_fmt(b['length_mean'], 1)} | {_fmt(b['truncated_share'], 3)} |")
+    st = ev.get("steerability") or {}
+    lines += ["", f"steerability ({st.get('metric')} over {len(st.get('feedback') or [])} feedback strings): "
+                  f"Spearman ρ = {_fmt(st.get('spearman_rho'), 3)}, gap = {_fmt(st.get('gap'))}"]
+    return lines
+
+
+def sample_lines(run: dict) -> list[str]:
+    ex = _exemplar(run)
+    final_it = max((r["iteration"] for r in run["samples"] if r["model"] != "reference"), default=None)
+    if final_it is None:
+        return []
+    final = [r for r in run["samples"] if r["iteration"] == final_it and r["model"] != "reference"]
+    under_ex = sorted((r for r in final if r["feedback"] == ex), key=lambda r: r["score"])
+    lines = []
+    for title, rows in (("lowest-scoring", under_ex[:TABLE_ROWS]), ("highest-scoring", under_ex[::-1][:TABLE_ROWS])):
+        lines += [f"**{title} completions under the exemplar ({ex}), final model**", "", "| score | prompt | completion |", "|---|---|---|"]
+        lines += [f"| {r['score']:.3f} | {_cell(r['prompt'])} | {_cell(r['completion'])} |" for r in rows] + [""]
+    by_prompt: dict[str, dict] = {}
+    for r in final:
+        by_prompt.setdefault(r["prompt"], {}).setdefault(r["feedback"] or "(none)", r)
+    if by_prompt:
+        # the prompt whose completions the feedback changed most: where steering (or its absence) is visible
+        prompt, per_fb = max(by_prompt.items(), key=lambda kv: (len(kv[1]), max(r["score"] for r in kv[1].values()) - min(r["score"] for r in kv[1].values())))
+        if len(per_fb) > 1:
+            lines += [f"**one prompt under each feedback, final model**: {_cell(prompt)}", "", "| feedback | score | completion |", "|---|---|---|"]
+            lines += [f"| {fb} | {r['score']:.3f} | {_cell(r['completion'])} |" for fb, r in per_fb.items()] + [""]
+    return lines
+
+
+def write_report(folders: list[Path], out: Path | None = None) -> Path:
+    """Write report.md (+ PNGs) into `out` (default: the run folder, or ./altlm-report for several runs)."""
+    runs = [read_run(Path(f)) for f in folders]
+    out = Path(out) if out else (Path(folders[0]) if len(folders) == 1 else Path("altlm-report"))
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# altlm report", ""]
+    if len(runs) > 1:
+        m = _metric(runs[0])
+        lines += [f"| run | exemplar | reference {m} | final {m} | change | final > 0.5 | Spearman | gap | wall s |", "|---" * 9 + "|"]
+        for r in runs:
+            s = r["summary"]
+            if not s:
+                lines.append(f"| {r['name']} | {_exemplar(r)} | (unfinished) | | | | | | |")
+                continue
+            red = s["reduction"].get(f"{m}_mean")
+            lines.append(f"| {r['name']} | {s['exemplar']} | {_fmt(s['reference'][f'{m}_mean'])} | {_fmt(s['final'][f'{m}_mean'])} | "
+                         f"{_fmt(-100 * red, 1) + '%' if red is not None else '–'} | {_fmt(s['final'][f'{m}_gt_0_5'])} | "
+                         f"{_fmt(s['steerability']['spearman_rho'], 3)} | {_fmt(s['steerability']['gap'])} | {_fmt(s['wall_seconds'], 0)} |")
+        lines.append("")
+    if any(r["evals"] for r in runs):
+        plot_iterations(runs, out / "iterations.png")
+        lines += ["![per-iteration metrics](iterations.png)", ""]
+    for r in runs:
+        lines += _run_section(r, out, f"{r['name']}-" if len(runs) > 1 else "")
+    tmp = out / "report.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out / "report.md")
+    return out / "report.md"
