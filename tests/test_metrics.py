@@ -85,3 +85,13 @@ def test_summarize_block_has_every_eval_key():
     assert b["reward_mean"] == pytest.approx(0.5) and b["length_mean"] == 1.0 and b["truncated_share"] == 0.5
     assert b["perplexity"] == 12.0  # the empty completion's NaN perplexity is not a value below the cap
     assert clean(b)["dist_3"] is None  # undefined → null in JSON
+
+
+def test_unscored_samples_are_left_out():
+    nanv = float("nan")
+    scores = [0.9, nanv, nanv, nanv]  # prompt 2 has no scored sample at all
+    assert metrics.avg_max(scores, 2) == pytest.approx(0.9)
+    assert metrics.prob_any_above(scores, 2) == 1.0
+    assert metrics.share_above(scores) == 1.0
+    b = metrics.summarize("judge", scores, ["a", "b", "c", "d"], 2, [False] * 4, [1] * 4, True)
+    assert b["judge_mean"] == pytest.approx(0.9) and b["unscored"] == 3

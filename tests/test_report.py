@@ -93,3 +93,20 @@ def test_report_tolerates_a_torn_last_line_but_not_damage(tmp_path):
     (run / "metrics.jsonl").write_text('{"kind": "eval"\n')
     with pytest.raises(Exception, match="line 1 is not JSON"):
         read_run(run)
+
+
+def test_report_shows_the_judge_and_category_distribution(tmp_path):
+    run = make_run(tmp_path / "lmc", [0.01] * 5)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "feedback_type": "lmu"}))
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        if r["kind"] == "iteration":
+            r["new_bucket_distribution"] = [0.5, 0.25, 0.25, 0.0]
+            r.update(invalid=3, agreement_mean=0.75, judge={"questions": 20, "cache_hits": 5, "requests": 17, "retries": 2,
+                                                            "failures": 1, "prompt_tokens": 100, "completion_tokens": 20,
+                                                            "cost": 0.0, "errors": {"http_500": 2}})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = write_report([run]).read_text()
+    assert "| iteration | questions | cache hits | requests | retries | failures | invalid | agreement | tokens | cost | score 3 |" in text
+    assert "| 1 | 20 | 5 | 17 | 2 | 1 | 3 | 0.75 | 120 | 0.0000 | 0.50 | 0.25 | 0.25 | 0.00 |" in text

@@ -1,4 +1,4 @@
-"""Command line: `altlm train | generate | eval | report | recipes`. Bad input → one line on stderr and exit code 2."""
+"""Command line: `altlm train | generate | eval | report | serve | recipes`. Bad input → one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -53,7 +53,8 @@ def print_summary(s: dict) -> None:
     t = Table(title=f"{m} on {s['eval_prompts']} held-out prompts × {s['eval_samples_per_prompt']} samples ({s['wall_seconds']:.0f} s)")
     for col in ("model", "feedback", f"{m} mean", f"share > 0.5", "dist-2"):
         t.add_column(col)
-    row = lambda name, fb, d: t.add_row(name, fb, f"{d[f'{m}_mean']:.4f}", f"{d[f'{m}_gt_0_5']:.4f}", f"{d['dist_2']:.3f}")  # noqa: E731
+    fmt = lambda x, f: "–" if x is None else format(x, f)  # noqa: E731  (None: nothing could be scored)
+    row = lambda name, fb, d: t.add_row(name, fb, fmt(d[f"{m}_mean"], ".4f"), fmt(d[f"{m}_gt_0_5"], ".4f"), fmt(d["dist_2"], ".3f"))  # noqa: E731
     row("reference", "(none)", s["reference"])
     for fb, d in s["reference"]["by_feedback"].items():
         row("reference", fb, d)
@@ -123,8 +124,8 @@ def _eval(args) -> int:
     from .trainer import autocast_dtype
 
     t0 = time.time()
-    if args.samples_per_prompt < 1 or args.steer_samples_per_prompt < 0:
-        raise AltlmError("eval: --samples-per-prompt must be >= 1 and --steer-samples-per-prompt >= 0")
+    if args.samples_per_prompt < 1 or args.steer_samples_per_prompt < 0 or args.perplexity_samples_per_prompt < 1:
+        raise AltlmError("eval: --samples-per-prompt and --perplexity-samples-per-prompt must be >= 1, --steer-samples-per-prompt >= 0")
     if args.run:
         run = Path(args.run)
         if not (run / "config.yaml").exists():
@@ -158,7 +159,8 @@ def _eval(args) -> int:
     settings = SampleSettings(s["temperature"], s["top_p"], s["min_new_tokens"], s["max_new_tokens"], 128, s["max_prompt_tokens"])
     scorer = build_scorer(args.scorer or cfg.scorer)
     amp = autocast_dtype("auto", model.device)
-    fluency = None if args.perplexity_model == "none" else evaluation.Fluency(args.perplexity_model, amp)
+    fluency = None if args.perplexity_model == "none" else \
+        evaluation.Fluency(args.perplexity_model, amp, samples_per_prompt=args.perplexity_samples_per_prompt)
     k, k_steer = args.samples_per_prompt, args.steer_samples_per_prompt
     jobs = []
     if args.run and not args.no_reference:
@@ -229,6 +231,24 @@ def _report(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from .serve import serve
+
+    try:
+        server = serve(args.model, args.host, args.port)
+    except OSError as e:
+        raise AltlmError(f"serve: cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
+    host, port = server.server_address[:2]
+    print(f"serving {args.model} at http://{host}:{port}/v1 (OpenAI chat completions); Ctrl-C stops", flush=True)
+    try:
+        import threading
+
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.shutdown()
+    return 0
+
+
 def _recipes(args) -> int:
     from .config import RECIPES_DIR, read_yaml
 
@@ -271,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples-per-prompt", type=int, default=25, help="k for avg max / probability (paper: 25)")
     e.add_argument("--steer-samples-per-prompt", type=int, default=4, help="samples per prompt for the non-exemplar feedback strings (steerability; 0 skips them)")
     e.add_argument("--perplexity-model", default="gemma3-270m", help="scoring LM for fluency, or 'none'")
+    e.add_argument("--perplexity-samples-per-prompt", type=int, default=3,
+                   help="perplexity is averaged over each prompt's first N samples (the scoring LM costs more than sampling)")
     e.add_argument("--scorer", choices=["jigsaw", "profanity", "vader"], help="default: the run's scorer (jigsaw for --model)")
     e.add_argument("--no-reference", action="store_true", help="skip the reference model")
     e.add_argument("--seed", type=int, default=7)
@@ -280,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("runs", nargs="+", metavar="DIR")
     rp.add_argument("--out", help="output folder (default: the run folder; ./altlm-report for several runs)")
     rp.set_defaults(fn=_report)
+    sv = sub.add_parser("serve", help="serve a local model as an OpenAI-compatible chat-completions endpoint (an offline judge)")
+    sv.add_argument("--model", default="smollm2-135m", help="model id, alias or folder")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    sv.set_defaults(fn=_serve)
     r = sub.add_parser("recipes", help="list shipped recipes")
     r.set_defaults(fn=_recipes)
     return p

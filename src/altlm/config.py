@@ -48,7 +48,7 @@ class ALTConfig:
     precision: str = _f("auto", "Compute precision: auto (bf16 autocast on CUDA or CPUs with AMX, else fp32), bf16 or fp32. Master weights stay fp32.", choices=["auto", "bf16", "fp32"])
     threads: int = _f(0, "torch CPU threads (0 = torch's default).")
     # --- prompts ---
-    prompts: str = _f("fortunes", "Prompt source: fortunes (offensive + clean FreeBSD fortune prefixes), fortunes-offensive, fortunes-clean, or a file (.txt one per line, .jsonl/.json with `prompt_field`).")
+    prompts: str = _f("fortunes", "Prompt source: fortunes (offensive + clean FreeBSD fortune prefixes), fortunes-offensive, fortunes-clean, journal (conversational questions, offline), or a file (.txt one per line, .jsonl/.json with `prompt_field`).")
     prompt_field: str = _f("prompt", "Field holding the prompt in JSONL/JSON prompt files.")
     offensive_share: float = _f(0.5, "Share of offensive fortunes when prompts=fortunes.")
     prompt_words: list[int] = _f([4, 8], "Fortune prefix length in words [min, max] (fortune_cut=random).")
@@ -57,6 +57,7 @@ class ALTConfig:
     num_train_prompts: int = _f(2000, "Training prompts (never used for evaluation).")
     num_eval_prompts: int = _f(200, "Held-out evaluation prompts (never trained on).")
     # --- feedback ---
+    feedback_type: str = _f("rm", "rm: a scorer's values cut into quantiles and mapped to feedback_words (ALT-RM); lmc: an LLM judge picks one of feedback_words as category (ALT-LMC); lmu: an LLM judge writes a feedback sentence and a 0-3 score (ALT-LMU).", choices=["rm", "lmc", "lmu"])
     scorer: str = _f("jigsaw", "Scalar scorer for ALT-RM: jigsaw (offline Jigsaw toxicity), profanity, vader (sentiment).", choices=["jigsaw", "profanity", "vader"])
     feedback_words: list[str] = _f(list(TOXICITY_WORDS), "Feedback strings, best bucket first; their number is the number of quantiles.")
     exemplar: str | None = _f(None, "Feedback used for sampling and inference; default: the best (first) feedback word.")
@@ -65,10 +66,29 @@ class ALTConfig:
     drop_factor: float = _f(0.0, "Share of the older pool dropped before adding a new iteration's samples (0 = accumulate, 1 = flush).")
     per_bucket: int = _f(2, "per_prompt regime: samples drawn per prompt and bucket for training (filled up randomly from the prompt's other samples).")
     use_feedback: bool = _f(True, "False runs the same loop with the feedback left out of sampling and training inputs: the fine-tune-only control, showing what training on the model's own samples gives without conditioning.")
+    # --- LLM judge (feedback_type lmc / lmu) ---
+    judge_backend: str = _f("hf", "hf: the judge model runs in-process; openai: any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp, Ollama, `altlm serve`).", choices=["hf", "openai"])
+    judge_model: str = _f("smollm2-135m", "Judge model: an offline alias / local folder / HF id (hf), or the endpoint's model name (openai).")
+    judge_base_url: str | None = _f(None, "openai backend: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1.")
+    judge_api_key_env: str | None = _f(None, "openai backend: the environment variable holding the API key (the key itself is never stored or logged); None for servers without keys.")
+    judge_template: str | None = _f(None, "Judge prompt: a shipped template name (lmc_hh, lmu_tldr, lmu_dialogue) or a file with {prompt}, {completion} (and {categories} for lmc). Default: lmc_hh / lmu_tldr.")
+    judge_concurrency: int = _f(4, "openai backend: requests in flight at once.")
+    judge_timeout: float = _f(60.0, "openai backend: seconds before a request counts as timed out (then retried).")
+    judge_max_retries: int = _f(5, "Retries per request on timeouts, connection errors, 429, 5xx and unreadable answers (exponential backoff with jitter).")
+    judge_requests_per_second: float = _f(0.0, "openai backend: request-rate limit (0 = none).")
+    judge_temperature: float = _f(0.0, "Judge sampling temperature (paper: 0). Self-consistency (judge_samples > 1) needs > 0.")
+    judge_max_tokens: int = _f(128, "Judge answer length limit in tokens.")
+    judge_samples: int = _f(1, "Self-consistency: ask the judge this many times per sample; keep the majority category / median score and record the agreement.")
+    judge_min_agreement: float = _f(0.0, "Samples whose judge answers agree less than this share are marked invalid and not trained on.")
+    judge_price_per_1k_prompt: float = _f(0.0, "Cost accounting: price per 1,000 prompt tokens (0 = not tracked).")
+    judge_price_per_1k_completion: float = _f(0.0, "Cost accounting: price per 1,000 completion tokens.")
+    judge_cache: str | None = _f(None, "SQLite cache of judge answers shared across runs; default: <ALTLM_CACHE or ~/.cache/altlm>/judge-cache.sqlite.")
+    lmu_exemplars: int = _f(5, "lmu: how many distinct top-score feedback sentences serve as exemplars (spread over prompts when sampling).")
     # --- conditioning template (method.md §5) ---
     template: str = _f("tag_separator", "tag_separator: [feedback][<|separator|>][prompt]; prefix: prefix_format then prompt; quark: feedback words become new special tokens.", choices=["tag_separator", "prefix", "quark"])
     prefix_format: str = _f("{feedback} input: ", "For template=prefix: text before the prompt, with {feedback}. Paper: '{feedback} input: ', 'feedback: {feedback} input: ', '{feedback}.\\n\\n'.")
     separator_token: str = _f("<|separator|>", "For template=tag_separator: the new token between feedback and prompt (embedding copied from EOS, never sampled).")
+    prompt_format: str = _f("{prompt}", "How a prompt is shown to the policy, with {prompt}; e.g. 'Question: {prompt}\\nAnswer:' for dialogue. The pool and the judge keep the bare prompt.")
     completion_prefix: str = _f("", "Text put before the completion in the training target (TL;DR: ' ').")
     eos_rule: str = _f("unless_truncated", "Append EOS to training targets: unless_truncated (not when the completion hit the token limit mid-sentence), always, never.", choices=["unless_truncated", "always", "never"])
     # --- loop ---
@@ -126,6 +146,8 @@ class ALTConfig:
             raise AltlmError(f"config key 'eval_feedback' must include the exemplar {self.exemplar_text!r}")
         if len(self.prompt_words) != 2 or not 0 < self.prompt_words[0] <= self.prompt_words[1]:
             raise AltlmError("config key 'prompt_words' must be [min, max] with 0 < min <= max")
+        if "{prompt}" not in self.prompt_format:
+            raise AltlmError("config key 'prompt_format' must contain {prompt}")
         if self.template == "prefix" and "{feedback}" not in self.prefix_format:
             raise AltlmError("config key 'prefix_format' must contain {feedback}")
         if self.train_steps < 0:

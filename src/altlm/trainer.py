@@ -27,7 +27,7 @@ from . import checkpoint, evaluation, metrics, models
 from .config import ALTConfig
 from .data import CONTINUATION_WORDS, load_prompts
 from .errors import AltlmError
-from .feedback import QuantileFeedback, build_scorer
+from .feedback import build_feedback
 from .loss import alt_loss, target_logits
 from .pool import Pool, Row
 from .sampler import SampleSettings, inference_model, sample
@@ -61,8 +61,9 @@ class ALTTrainer:
         if cfg.seed_pool and not self.prompts.continuations:
             raise AltlmError("seed_pool needs prompts with known continuations (prompts: fortunes...); set seed_pool=false for prompt files")
         self.template = Template.from_config(cfg)
-        self.scorer = build_scorer(cfg.scorer)
-        self.feedback = QuantileFeedback(self.scorer, cfg.feedback_words, cfg.quantiles)
+        self.feedback, self.scorer = build_feedback(cfg, models.cache_root())
+        # buckets: the feedback vocabulary (RM quantiles, LMC categories), or LMU's scores 3..0
+        self.n_buckets = len(self.feedback.vocabulary) if self.feedback.vocabulary else 4
 
         self.tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
         self.vocab_size = len(self.tokenizer)  # logits beyond this belong to conditioning tokens
@@ -171,7 +172,7 @@ class ALTTrainer:
     def _meta(self, iteration: int) -> dict:
         c = self.cfg
         return {"model": c.model, "seed": c.seed, "training_mode": c.training_mode, "template": self.template.to_dict(),
-                "feedback_words": c.feedback_words, "exemplar": c.exemplar_text, "vocab_size": self.vocab_size,
+                "feedback_words": c.feedback_words, "exemplar": (self.exemplars() or [c.exemplar_text])[0], "vocab_size": self.vocab_size,
                 "iteration": iteration, "scorer": c.scorer,
                 "sampling": {"temperature": c.eval_temperature, "top_p": c.eval_top_p, "min_new_tokens": c.min_new_tokens,
                              "max_new_tokens": c.max_new_tokens, "max_prompt_tokens": c.max_prompt_tokens}}
@@ -179,7 +180,7 @@ class ALTTrainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         cfg, t0 = self.cfg, time.time()
-        words = [w for w in cfg.feedback_words if cfg.eval_feedback is None or w in cfg.eval_feedback]
+        words = self.eval_words()
         if self.start_iteration == 1:
             # Iteration 0: the reference, untagged and under every feedback string (the priming control).
             self.evaluate(0, [None] + (words if cfg.eval_all_feedback else []), label="reference",
@@ -191,30 +192,43 @@ class ALTTrainer:
             torch.manual_seed(cfg.seed * 100_003 + it)
 
             # 1. Sample: the reference unconditioned first, then the policy under the exemplar feedback.
-            feedback = None if (it == 1 or not cfg.use_feedback) else cfg.exemplar_text
+            exemplars = [] if (it == 1 or not cfg.use_feedback) else self.exemplars()
             prompt_ids = rng.sample(range(len(self.prompts.train)), min(cfg.prompts_per_iteration, len(self.prompts.train)))
             requests = [(pid, self.prompts.train[pid]) for pid in prompt_ids for _ in range(cfg.samples_per_prompt)]
+            # LMU spreads its several exemplar sentences over the prompts; RM/LMC have one exemplar.
+            conditioned = [(rng.choice(exemplars) if exemplars else None, p) for _, p in requests]
             # (Without a separate reference_model, the untrained policy *is* the reference at iteration 1.)
             sampler_model = self.ref_model if (it == 1 and self.ref_model is not None) else self.model
             samples = sample(inference_model(sampler_model, self.amp), self.tokenizer, self.template,
-                             [(feedback, p) for _, p in requests], self.train_settings, self.added_ids, desc=f"iter {it} sampling")
+                             conditioned, self.train_settings, self.added_ids, desc=f"iter {it} sampling")
 
-            # 2. Feedback: a score per sample; words come from the quantiles over the pool.
+            # 2. Feedback: RM gives a score per sample (its words come from the pool's quantiles, step 3);
+            #    an LLM judge gives the words itself. Samples it could not judge are kept, marked invalid.
+            judge_before = self.feedback.judge.stats.as_dict() if hasattr(self.feedback, "judge") else None
             fbs = self.feedback([p for _, p in requests], [s.completion for s in samples])
 
             # 3. Pool: flush (per drop_factor), add, re-cut quantiles over the active pool.
             self.pool.flush(cfg.drop_factor, rng, it)
-            self.pool.add([Row(it, pid, p, s.completion, None, f.score, None, s.truncated, s.prompt_tokens,
-                               s.completion_tokens, f.valid) for (pid, p), s, f in zip(requests, samples, fbs)])
+            self.pool.add([Row(it, pid, p, s.completion, f.text, f.score, f.bucket, s.truncated, s.prompt_tokens,
+                               s.completion_tokens, f.valid, f.raw, f.agreement)
+                           for (pid, p), s, f in zip(requests, samples, fbs)])
             active = self.pool.rows()
-            buckets, texts = self.feedback.rebucket([r.score for r in active], [r.prompt_id for r in active])
-            self.pool.set_feedback([r.id for r in active], buckets, texts)
+            if self.feedback.relative:
+                buckets, texts = self.feedback.rebucket([r.score for r in active], [r.prompt_id for r in active])
+                self.pool.set_feedback([r.id for r in active], buckets, texts)
+            else:
+                buckets = [r.bucket for r in active]
             new_buckets = [b for r, b in zip(active, buckets) if r.iteration == it]
-            pool_record = {"pool_size": len(active), "sample_score_mean": metrics.mean([f.score for f in fbs]),
-                           "bucket_counts": [buckets.count(b) for b in range(len(cfg.feedback_words))],
-                           "new_bucket_distribution": metrics.bucket_distribution(new_buckets, len(cfg.feedback_words))}
+            agreements = [f.agreement for f in fbs if f.agreement is not None]
+            pool_record = {"pool_size": len(active), "sample_score_mean": metrics.mean([f.score for f in fbs if f.score is not None]),
+                           "bucket_counts": [buckets.count(b) for b in range(self.n_buckets)],
+                           "new_bucket_distribution": metrics.bucket_distribution(new_buckets, self.n_buckets),
+                           "invalid": sum(not f.valid for f in fbs), "agreement_mean": metrics.mean(agreements) if agreements else None}
+            if judge_before is not None:
+                pool_record["judge"] = self.feedback.judge.stats.minus(judge_before)
             evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "iteration", "iteration": it, **pool_record}])
-            self.track(it, {"pool/score_mean": pool_record["sample_score_mean"], "pool/size": len(active)})
+            self.track(it, {"pool/score_mean": pool_record["sample_score_mean"], "pool/size": len(active),
+                            "pool/invalid": pool_record["invalid"]})
 
             # 4. Train on feedback + prompt → completion, drawn from the pool.
             train_stats = self.train_phase(it, rng)
@@ -222,7 +236,9 @@ class ALTTrainer:
             # 5. Evaluate on held-out prompts; at the end under every feedback string.
             last = it == cfg.iterations
             if last or it % cfg.eval_every == 0:
-                conditions = ([None] + words) if (last and cfg.eval_all_feedback) else [cfg.exemplar_text]
+                if last:
+                    words = self.eval_words()  # LMU: the sentences come from the pool, which has grown
+                conditions = ([None] + words) if (last and cfg.eval_all_feedback) else (self.exemplars()[:1] or [None])
                 self.evaluate(it, conditions, label="policy", extra={"train": train_stats, **pool_record})
             checkpoint.save(self.model, self.tokenizer, self.run / "checkpoint", self._meta(it))
             evaluation.write_json(self.run / "state.json", {"iteration_done": it, "finished": last})
@@ -230,6 +246,8 @@ class ALTTrainer:
         summary = self.summarize(time.time() - t0)
         evaluation.write_json(self.run / "summary.json", summary)
         self.pool.close()
+        if hasattr(self.feedback, "judge"):
+            self.feedback.judge.close()
         if self.tracker is not None:
             self.tracker.end_training()
         if cfg.report:
@@ -237,6 +255,33 @@ class ALTTrainer:
 
             write_report([self.run], self.run)
         return summary
+
+    def exemplars(self) -> list[str]:
+        """What the policy is sampled and evaluated under: the exemplar feedback (RM, LMC), or for LMU the
+        `lmu_exemplars` most frequent feedback sentences of the pool's best score (method.md §4)."""
+        if self.feedback.vocabulary is not None:
+            return [self.cfg.exemplar_text]
+        return self._common_sentences(best=True)[:self.cfg.lmu_exemplars]
+
+    def _common_sentences(self, best: bool) -> list[str]:
+        rows = [r for r in self.pool.rows() if r.feedback is not None and r.bucket is not None]
+        if not rows:
+            return []
+        target = min(r.bucket for r in rows) if best else max(r.bucket for r in rows)
+        counts: dict[str, int] = {}
+        for r in rows:
+            if r.bucket == target:
+                counts[r.feedback] = counts.get(r.feedback, 0) + 1
+        return sorted(counts, key=lambda t: -counts[t])
+
+    def eval_words(self) -> list[str]:
+        """Feedback strings evaluated at the end, best first: the vocabulary (RM, LMC; `eval_feedback` filters it),
+        or LMU's most common best- and worst-score sentences."""
+        cfg = self.cfg
+        if self.feedback.vocabulary is not None:
+            return [w for w in self.feedback.vocabulary if cfg.eval_feedback is None or w in cfg.eval_feedback]
+        best, worst = self._common_sentences(best=True)[:1], self._common_sentences(best=False)[:1]
+        return best + [w for w in worst if w not in best]
 
     def seed_pool(self) -> None:
         """Iteration-0 rows: each training prompt's original continuation, scored like any sample."""
@@ -336,7 +381,7 @@ class ALTTrainer:
         words = [w for w in cfg.feedback_words if w in final]
         keys = [f"{name}_mean", f"{name}_gt_0_5", f"avg_max_{name}", f"{name}_prob", "dist_2", "reward_mean", "perplexity"]
         pick = lambda m: {k: m.get(k) for k in keys}  # noqa: E731
-        ex = cfg.exemplar_text
+        ex = (self.exemplars() or ["<none>"])[0]
         summary = {
             "wall_seconds": round(wall, 1), "metric": name, "exemplar": ex, "eval_prompts": len(self.prompts.eval),
             "eval_samples_per_prompt": cfg.eval_samples_per_prompt,
@@ -348,5 +393,5 @@ class ALTTrainer:
                             "train": e.get("train")} for e in evals if e["model"] == "policy"],
         }
         r, f = summary["reference"], summary["final"]
-        summary["reduction"] = {k: (1 - f[k] / r[k]) if r[k] else None for k in (f"{name}_mean", f"{name}_gt_0_5")}
+        summary["reduction"] = {k: (1 - f[k] / r[k]) if (r[k] and f[k] is not None) else None for k in (f"{name}_mean", f"{name}_gt_0_5")}
         return summary

@@ -17,6 +17,8 @@ class Feedback:
     score: float | None = None
     bucket: int | None = None
     valid: bool = True
+    raw: str | None = None  # what an LLM judge answered, verbatim (JSON list when asked several times)
+    agreement: float | None = None  # self-consistency: share of the judge's answers agreeing with the kept one
 
 
 class Scorer(Protocol):
