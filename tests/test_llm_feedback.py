@@ -316,3 +316,39 @@ def test_judge_bad_input_is_one_line(scripted, tmp_path):
     bad.write_text("Label {completion}")
     one_error_line(run_altlm(*base, f"judge_base_url={srv.url}", f"judge_template={bad}", cwd=tmp_path), "lacks the placeholder")
     assert not (tmp_path / "x").exists()
+
+
+def test_choice_judge_picks_the_most_likely_option_by_mean_log_probability():
+    import torch
+
+    from altlm.serve import ChatModel
+
+    chat = ChatModel("tiny-smollm2")
+    convs = [[{"role": "user", "content": "Is this good?"}], [{"role": "user", "content": "A longer question about cats"}]]
+    picks = chat.choose(convs, HH, batch_size=3)  # batches that split a conversation's options
+    for conv, pick in zip(convs, picks):
+        prefix = chat.encode(conv)
+        means = []
+        for o in HH:
+            ids = chat.tokenizer(o, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logits = chat.model(input_ids=torch.tensor([prefix + ids])).logits[0].float()
+            lp = torch.log_softmax(logits[len(prefix) - 1:-1], -1)[range(len(ids)), ids]
+            means.append(lp.mean().item())
+        assert pick == max(range(4), key=means.__getitem__)
+
+
+def test_lmc_run_with_the_choice_judge_labels_every_sample(tmp_path):
+    run = tmp_path / "lmc"
+    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "iterations=2", *SMALL, "feedback_type=lmc",
+                  f"feedback_words={json.dumps(HH)}", "judge_backend=hf", "judge_model=tiny-smollm2", "judge_choice=true",
+                  "judge_template=lmc_short", f"judge_cache={tmp_path / 'c.sqlite'}", "template=prefix",
+                  "prefix_format={feedback}.\\n\\n", "report=true", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import sqlite3
+
+    rows = sqlite3.connect(run / "pool.sqlite").execute("SELECT valid, feedback, bucket, agreement FROM samples").fetchall()
+    assert len(rows) == 24 and all(v == 1 and f == HH[b] and a == 1.0 for v, f, b, a in rows)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["metric"] == "judge" and list(s["final"]["by_feedback"]) == HH
+    assert "LLM judge per iteration" in (run / "report.md").read_text()

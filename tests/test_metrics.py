@@ -95,3 +95,9 @@ def test_unscored_samples_are_left_out():
     assert metrics.share_above(scores) == 1.0
     b = metrics.summarize("judge", scores, ["a", "b", "c", "d"], 2, [False] * 4, [1] * 4, True)
     assert b["judge_mean"] == pytest.approx(0.9) and b["unscored"] == 3
+
+
+def test_steerability_skips_unscored_feedback_strings():
+    assert metrics.steerability([None, float("nan"), 0.3]) == {"spearman_rho": None, "gap": None}
+    s = metrics.steerability([0.1, None, 0.3])
+    assert s["spearman_rho"] == pytest.approx(1.0) and s["gap"] == pytest.approx(0.2)

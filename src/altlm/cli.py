@@ -67,7 +67,8 @@ def print_summary(s: dict) -> None:
     num = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     red, st = s["reduction"], s["steerability"]
     print(f"exemplar vs untagged reference: {m} mean {pct(red[f'{m}_mean'])}, share > 0.5 {pct(red[f'{m}_gt_0_5'])}; "
-          f"steerability: Spearman(feedback rank, {m}) = {num(st['spearman_rho'])}, worst − best feedback = {num(st['gap'])}")
+          f"steerability: Spearman(feedback rank, {m}) = {num(st['spearman_rho'])}, worst − best feedback = {num(st['gap'])} "
+          f"(both {'> 0' if st.get('steered_sign', 1) > 0 else '< 0'} when the model follows the feedback)")
 
 
 def _generate(args) -> int:
@@ -176,7 +177,8 @@ def _eval(args) -> int:
         records += recs
     report = {"run": args.run, "model": args.model, "metric": scorer.name, "prompts": len(prompts),
               "perplexity_model": None if fluency is None else fluency.name, "sampling": s, "seed": args.seed,
-              "results": results, "steerability": {**evaluation.steerability(results[jobs[-1][0]], vocab, f"{scorer.name}_mean"), "model": jobs[-1][0]},
+              "results": results, "steerability": {**evaluation.steerability(results[jobs[-1][0]], vocab, f"{scorer.name}_mean", scorer.higher_is_better),
+                               "model": jobs[-1][0]},
               "seconds": round(time.time() - t0, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     evaluation.write_json(out, report)

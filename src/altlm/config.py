@@ -72,6 +72,7 @@ class ALTConfig:
     judge_base_url: str | None = _f(None, "openai backend: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1.")
     judge_api_key_env: str | None = _f(None, "openai backend: the environment variable holding the API key (the key itself is never stored or logged); None for servers without keys.")
     judge_template: str | None = _f(None, "Judge prompt: a shipped template name (lmc_hh, lmu_tldr, lmu_dialogue) or a file with {prompt}, {completion} (and {categories} for lmc). Default: lmc_hh / lmu_tldr.")
+    judge_choice: bool = _f(False, "lmc with judge_backend=hf: pick the category the judge model finds most likely as its reply (mean token log-probability) instead of generating; always parseable, for small local judges.")
     judge_concurrency: int = _f(4, "openai backend: requests in flight at once.")
     judge_timeout: float = _f(60.0, "openai backend: seconds before a request counts as timed out (then retried).")
     judge_max_retries: int = _f(5, "Retries per request on timeouts, connection errors, 429, 5xx and unreadable answers (exponential backoff with jitter).")
@@ -148,6 +149,8 @@ class ALTConfig:
             raise AltlmError("config key 'prompt_words' must be [min, max] with 0 < min <= max")
         if "{prompt}" not in self.prompt_format:
             raise AltlmError("config key 'prompt_format' must contain {prompt}")
+        if self.judge_choice and (self.feedback_type != "lmc" or self.judge_backend != "hf"):
+            raise AltlmError("config key 'judge_choice' needs feedback_type=lmc and judge_backend=hf")
         if self.template == "prefix" and "{feedback}" not in self.prefix_format:
             raise AltlmError("config key 'prefix_format' must contain {feedback}")
         if self.train_steps < 0:

@@ -129,7 +129,10 @@ def evaluate(model, tokenizer, template: Template, prompts: list[str], condition
     return blocks, records
 
 
-def steerability(blocks: dict[str, dict], vocabulary: list[str], metric: str) -> dict:
-    """metrics.steerability over the feedback strings of `vocabulary` (best first) that were evaluated."""
-    words = [w for w in vocabulary if w in blocks]
-    return {**metrics.steerability([blocks[w][metric] for w in words]), "metric": metric, "feedback": words}
+def steerability(blocks: dict[str, dict], vocabulary: list[str], metric: str, higher_is_better: bool = False) -> dict:
+    """metrics.steerability over the feedback strings of `vocabulary` (best first) that were evaluated.
+    `steered_sign` is the sign ρ and the gap have when the model follows the feedback: +1 for a metric where
+    lower is better (toxicity rises from the best to the worst feedback), −1 where higher is better."""
+    words = [w for w in (vocabulary or []) if w in blocks]
+    return {**metrics.steerability([blocks[w][metric] for w in words]), "metric": metric, "feedback": words,
+            "steered_sign": -1 if higher_is_better else 1}

@@ -67,11 +67,11 @@ def steerability(values_by_rank: Sequence[float]) -> dict:
     ordered best feedback first (the vocabulary's order). spearman_rho = Spearman(rank, metric): +1 when every
     worse feedback string gives a higher metric (a toxicity that rises from "Lowest" to "Maximum");
     gap = metric under the worst feedback − metric under the best. Both None with fewer than two strings."""
-    vals = list(values_by_rank)
-    if len(vals) < 2:
+    pairs = [(rank, v) for rank, v in enumerate(values_by_rank) if v is not None and v == v]  # unscored strings drop out
+    if len(pairs) < 2:
         return {"spearman_rho": None, "gap": None}
-    rho = spearman(list(range(len(vals))), vals)
-    return {"spearman_rho": None if rho != rho else rho, "gap": vals[-1] - vals[0]}
+    rho = spearman([r for r, _ in pairs], [v for _, v in pairs])
+    return {"spearman_rho": None if rho != rho else rho, "gap": pairs[-1][1] - pairs[0][1]}
 
 
 def bucket_distribution(buckets: Sequence[int | None], n_buckets: int) -> list[float]:

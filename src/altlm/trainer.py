@@ -378,7 +378,7 @@ class ALTTrainer:
         evals = [json.loads(line) for line in open(self.run / "metrics.jsonl") if '"kind": "eval"' in line]
         ref = next(e for e in evals if e["model"] == "reference")["by_feedback"]
         final = [e for e in evals if e["model"] == "policy"][-1]["by_feedback"]
-        words = [w for w in cfg.feedback_words if w in final]
+        words = [w for w in (self.feedback.vocabulary or self.eval_words()) if w in final]
         keys = [f"{name}_mean", f"{name}_gt_0_5", f"avg_max_{name}", f"{name}_prob", "dist_2", "reward_mean", "perplexity"]
         pick = lambda m: {k: m.get(k) for k in keys}  # noqa: E731
         ex = (self.exemplars() or ["<none>"])[0]
@@ -388,7 +388,7 @@ class ALTTrainer:
             "reference": {**pick(ref["<none>"]), "by_feedback": {w: pick(ref[w]) for w in words if w in ref}},
             "final": {**pick(final[ex]), "untagged": pick(final["<none>"]) if "<none>" in final else None,
                       "by_feedback": {w: pick(final[w]) for w in words}},
-            "steerability": evaluation.steerability(final, cfg.feedback_words, f"{name}_mean"),
+            "steerability": evaluation.steerability(final, words, f"{name}_mean", self.scorer.higher_is_better),
             "iterations": [{"iteration": e["iteration"], f"{name}_mean": e["by_feedback"][ex][f"{name}_mean"] if ex in e["by_feedback"] else None,
                             "train": e.get("train")} for e in evals if e["model"] == "policy"],
         }

@@ -23,7 +23,8 @@ def build_feedback(cfg, cache_root) -> tuple[FeedbackProvider, Scorer]:
     settings = JudgeSettings(cfg.judge_backend, cfg.judge_model, cfg.judge_base_url, cfg.judge_api_key_env,
                              cfg.judge_concurrency, cfg.judge_timeout, cfg.judge_max_retries, cfg.judge_requests_per_second,
                              cfg.judge_temperature, cfg.judge_max_tokens, cfg.judge_samples,
-                             cfg.judge_price_per_1k_prompt, cfg.judge_price_per_1k_completion)
+                             cfg.judge_price_per_1k_prompt, cfg.judge_price_per_1k_completion,
+                             choices=list(cfg.feedback_words) if cfg.judge_choice else None)
     template = cfg.judge_template or ("lmc_hh" if cfg.feedback_type == "lmc" else "lmu_tldr")
     cache = Path(cfg.judge_cache) if cfg.judge_cache else Path(cache_root) / "judge-cache.sqlite"
     provider = LLMFeedback(cfg.feedback_type, settings, template, cfg.feedback_words if cfg.feedback_type == "lmc" else None,

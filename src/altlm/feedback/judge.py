@@ -42,6 +42,7 @@ class JudgeSettings:
     price_per_1k_prompt: float = 0.0
     price_per_1k_completion: float = 0.0
     backoff_base: float = 0.5  # seconds; attempt k waits base·2^k·U(0.5, 1.5), capped at 30 s
+    choices: list[str] | None = None  # hf backend: pick the most likely of these instead of generating
 
 
 @dataclass
@@ -186,7 +187,7 @@ class Judge:
     def key(self, prompt: str, completion: str) -> str:
         s = self.s
         raw = json.dumps([s.backend, s.model, s.base_url if s.backend == "openai" else None, self.template_hash,
-                          prompt, completion, s.samples, s.temperature, s.max_tokens])
+                          prompt, completion, s.samples, s.temperature, s.max_tokens, s.choices])
         return hashlib.sha256(raw.encode()).hexdigest()
 
     def ask(self, questions: list[list[dict]], keys: list[str]) -> list[list[str] | None]:
@@ -202,6 +203,12 @@ class Judge:
         else:
             for start in range(0, len(todo), 16):  # in-process: batched generation, 16 questions at a time
                 idx = todo[start:start + 16]
+                if self.s.choices:
+                    picks = self._chat.choose([questions[i] for i in idx], self.s.choices)
+                    self.stats.requests += len(idx)
+                    for i, j in zip(idx, picks):
+                        out[i] = [self.s.choices[j]] * self.s.samples  # deterministic: every ask agrees
+                    continue
                 answers, usage = self._chat.complete([questions[i] for i in idx], self.s.samples, self.s.temperature,
                                                      1.0, self.s.max_tokens)
                 self.stats.requests += len(idx)
