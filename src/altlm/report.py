@@ -126,10 +126,12 @@ def plot_pool(run: dict, path: Path) -> None:
     a.set_title("new samples per feedback bucket")
     a.set_xlabel("iteration")
     a.legend(fontsize=7)
+    every = [s for _, s, _ in run["pool"] if s is not None]
+    edges = [min(every) + (max(every) - min(every)) * i / 50 for i in range(51)] if every and max(every) > min(every) else 10
     for k, w in enumerate(words):
         scores = [s for _, s, bk in run["pool"] if bk == k and s is not None]
-        if scores:
-            b.hist(scores, bins=40, alpha=0.55, label=w, log=True)
+        if scores:  # shared bin edges: the buckets' widths are then comparable at a glance
+            b.hist(scores, bins=edges, alpha=0.55, label=w, log=True)
     b.set_title(f"{_metric(run)} of the active pool, by bucket")
     b.legend(fontsize=7)
     fig.tight_layout()
