@@ -47,6 +47,15 @@ def read_meta(folder: Path) -> dict:
         raise AltlmError(f"'{path}' is corrupt (not JSON); restore it or retrain") from None
 
 
+def base_model(meta: dict, tokenizer, name: str | None = None):
+    """The run's base model (or `name`, e.g. a separate reference) with the conditioning tokens added exactly as
+    in training (models.add_tokens is deterministic), so it shares the checkpoint tokenizer's ids."""
+    model = models.load_model(name or meta["model"], seed=meta["seed"])
+    new, init = Template(**meta["template"]).new_tokens(meta["feedback_words"])
+    models.add_tokens(model, tokenizer, new, init)
+    return model
+
+
 def load(folder: Path, trainable: bool = False):
     """(model, tokenizer, meta) from a checkpoint folder."""
     from transformers import AutoTokenizer
@@ -58,11 +67,7 @@ def load(folder: Path, trainable: bool = False):
         if meta["training_mode"] == "lora":
             from peft import PeftModel
 
-            base = models.load_model(meta["model"], seed=meta["seed"])
-            template = Template(**meta["template"])
-            new, init = template.new_tokens(meta["feedback_words"])
-            models.add_tokens(base, tok, new, init)  # same rows as in training: deterministic init
-            model = PeftModel.from_pretrained(base, folder, is_trainable=trainable)
+            model = PeftModel.from_pretrained(base_model(meta, tok), folder, is_trainable=trainable)
         else:
             model = models.load_model(str(folder))
             model.requires_grad_(trainable)

@@ -137,8 +137,7 @@ def _eval(args) -> int:
         prompts = eval_prompts(args, cfg)  # bad input is reported before any model is loaded
         model, tok, meta = checkpoint.load(run / "checkpoint")
         template = Template(**meta["template"])
-        new, init = template.new_tokens(meta["feedback_words"])
-        suppress = tok.convert_tokens_to_ids(new)
+        suppress = tok.convert_tokens_to_ids(template.new_tokens(meta["feedback_words"])[0])
         vocab, exemplar = meta["feedback_words"], meta["exemplar"]
         reference = cfg.reference_model or meta["model"]
         feedback = args.feedback or [exemplar] + [w for w in vocab if w != exemplar]
@@ -165,9 +164,8 @@ def _eval(args) -> int:
     k, k_steer = args.samples_per_prompt, args.steer_samples_per_prompt
     jobs = []
     if args.run and not args.no_reference:
-        ref = models.load_model(reference, seed=meta["seed"])
-        models.add_tokens(ref, tok, new, init)  # the same vocabulary as the policy, so suppressed ids exist
-        jobs.append(("reference", ref, [evaluation.Condition(None, k)]))
+        # the policy's vocabulary, so the suppressed conditioning ids exist
+        jobs.append(("reference", checkpoint.base_model(meta, tok, reference), [evaluation.Condition(None, k)]))
     conds = [evaluation.Condition(fb, k if (args.feedback or fb == feedback[0]) else k_steer) for fb in feedback]
     jobs.append(("final" if args.run else args.model, model, [c for c in conds if c.k] or [evaluation.Condition(None, k)]))
     results, records = {}, []
@@ -205,17 +203,15 @@ def print_eval(ev: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .evaluation import eval_rows
+
     m = ev["metric"]
     t = Table(title=f"{m} on {ev['prompts']} prompts")
-    cols = [("k", "samples_per_prompt", "{}"), (f"avg max {m}", f"avg_max_{m}", "{:.4f}"), (f"{m} prob", f"{m}_prob", "{:.3f}"),
-            (f"{m} mean", f"{m}_mean", "{:.4f}"), ("ppl", "perplexity", "{:.1f}"), ("dist-1", "dist_1", "{:.3f}"),
-            ("dist-2", "dist_2", "{:.3f}"), ("dist-3", "dist_3", "{:.3f}"), ("reward", "reward_mean", "{:.4f}"),
-            ("length", "length_mean", "{:.1f}"), ("truncated", "truncated_share", "{:.3f}")]
-    for c in ["model", "feedback"] + [c[0] for c in cols]:
+    header, *rows = eval_rows(ev)
+    for c in header:
         t.add_column(c)
-    for model, blocks in ev["results"].items():
-        for fb, b in blocks.items():
-            t.add_row(model, fb.replace("<none>", "(none)"), *["–" if b[key] is None else f.format(b[key]) for _, key, f in cols])
+    for row in rows:
+        t.add_row(*row)
     Console(width=None if sys.stdout.isatty() else 200).print(t)  # a log file should not wrap the table
     st = ev["steerability"]
     if st["spearman_rho"] is not None or st["gap"] is not None:
@@ -236,6 +232,8 @@ def _report(args) -> int:
 def _serve(args) -> int:
     from .serve import serve
 
+    import threading
+
     try:
         server = serve(args.model, args.host, args.port)
     except OSError as e:
@@ -243,8 +241,6 @@ def _serve(args) -> int:
     host, port = server.server_address[:2]
     print(f"serving {args.model} at http://{host}:{port}/v1 (OpenAI chat completions); Ctrl-C stops", flush=True)
     try:
-        import threading
-
         threading.Event().wait()
     except KeyboardInterrupt:
         server.shutdown()

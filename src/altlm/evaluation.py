@@ -13,11 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from . import metrics, models
-from .loss import target_logits
+from .loss import mean_logprobs
 from .sampler import SampleSettings, sample
 from .template import Template
 
@@ -59,7 +58,6 @@ class Fluency:
         self.tokenizer = models.load_tokenizer(name)
         self.model = inference_model(models.load_model(name), dtype)
 
-    @torch.no_grad()
     def perplexities(self, prompts: list[str], completions: list[str]) -> list[float]:
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
@@ -70,12 +68,8 @@ class Fluency:
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         for s in tqdm(range(0, len(todo), self.batch_size), desc=f"perplexity ({self.name})", leave=False, disable=None):
             idx = todo[s:s + self.batch_size]
-            logits, tgt, mask = target_logits(self.model, [inputs[i] for i in idx], [targets[i] for i in idx], pad)
-            logits = logits.float()
-            nll = torch.logsumexp(logits, -1) - logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # no [B, M, V] log-softmax copy
-            per_seq = (nll * mask).sum(-1) / mask.sum(-1)
-            for i, v in zip(idx, per_seq.tolist()):
-                out[i] = math.exp(min(v, 700.0))  # exp overflows past ~709; anything this large is over the cap anyway
+            for i, lp in zip(idx, mean_logprobs(self.model, [inputs[i] for i in idx], [targets[i] for i in idx], pad)):
+                out[i] = math.exp(min(-lp, 700.0))  # exp overflows past ~709; anything this large is over the cap anyway
         return out
 
 
@@ -119,14 +113,27 @@ def evaluate(model, tokenizer, template: Template, prompts: list[str], condition
             for i, v in zip(pick, got):
                 ppl[i] = v
         blocks[c.key] = metrics.summarize(scorer.name, scores, comps, c.k, [s.truncated for s in samples],
-                                          [s.completion_tokens for s in samples], scorer.higher_is_better,
-                                          [v for v in ppl if v == v] if ppl else None)
+                                          [s.completion_tokens for s in samples], scorer.higher_is_better, ppl)
         blocks[c.key]["seconds"] = {"sampling": round(t1 - t0, 1), "scoring": round(t2 - t1, 1),
                                     "perplexity": round(time.perf_counter() - t2, 1)}
         records += [{"model": label, "feedback": c.feedback, "prompt": p, "completion": comp, "score": sc,
                      **({"perplexity": ppl[i]} if ppl else {})}
                     for i, ((_, p), comp, sc) in enumerate(zip(requests, comps, scores))]
     return blocks, records
+
+
+def eval_rows(ev: dict) -> list[list[str]]:
+    """`eval.json` as a table of strings, header first: what `altlm eval` prints and the report shows."""
+    m = ev["metric"]
+    cols = [("k", "samples_per_prompt", ""), (f"avg max {m}", f"avg_max_{m}", ".4f"), (f"{m} prob", f"{m}_prob", ".3f"),
+            (f"{m} mean", f"{m}_mean", ".4f"), ("ppl", "perplexity", ".1f"), ("dist-1", "dist_1", ".3f"),
+            ("dist-2", "dist_2", ".3f"), ("dist-3", "dist_3", ".3f"), ("reward", "reward_mean", ".4f"),
+            ("length", "length_mean", ".1f"), ("truncated", "truncated_share", ".3f")]
+    rows = [["model", "feedback"] + [c[0] for c in cols]]
+    for model, blocks in ev["results"].items():
+        for fb, b in blocks.items():
+            rows.append([model, fb.replace("<none>", "(none)")] + ["–" if b[key] is None else format(b[key], f) for _, key, f in cols])
+    return rows
 
 
 def steerability(blocks: dict[str, dict], vocabulary: list[str], metric: str, higher_is_better: bool = False) -> dict:

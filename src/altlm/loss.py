@@ -34,6 +34,16 @@ def target_logits(model, inputs: list[list[int]], targets: list[list[int]], pad_
     return logits, tgt, mask
 
 
+@torch.no_grad()
+def mean_logprobs(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int) -> list[float]:
+    """Mean log-probability per target token of each `inputs + targets` sequence (targets must be non-empty).
+    logsumexp − gather instead of a log-softmax: no second [B, M, V] tensor over the vocabulary."""
+    logits, tgt, mask = target_logits(model, inputs, targets, pad_id)
+    logits = logits.float()
+    lp = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    return ((lp * mask).sum(-1) / mask.sum(-1)).tolist()
+
+
 def alt_loss(policy_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
              ref_logits: torch.Tensor | None = None, kl_coef: float = 0.05, entropy_coef: float = 0.06,
              kl_direction: str = "ref_policy", vocab_size: int | None = None):

@@ -89,9 +89,10 @@ def summarize(name: str, scores: Sequence[float], completions: Sequence[str], k:
               perplexities: Sequence[float] | None = None) -> dict:
     """The per-condition block of metrics. Keys use the scorer's name, e.g. toxicity_mean, toxicity_gt_0_5;
     `perplexity` is None when no scoring LM was run."""
+    scored = _scored(scores)
     return {
-        f"{name}_mean": mean(_scored(scores)),
-        "reward_mean": mean([reward(s, higher_is_better) for s in _scored(scores)]),
+        f"{name}_mean": mean(scored),
+        "reward_mean": mean([reward(s, higher_is_better) for s in scored]),
         "perplexity": perplexity_mean(perplexities) if perplexities is not None else None,
         f"{name}_gt_0_5": share_above(scores),
         f"avg_max_{name}": avg_max(scores, k),
@@ -103,7 +104,7 @@ def summarize(name: str, scores: Sequence[float], completions: Sequence[str], k:
         "truncated_share": mean([float(t) for t in truncated]),
         "samples_per_prompt": k,
         "n": len(scores),
-        "unscored": len(scores) - len(_scored(scores)),
+        "unscored": len(scores) - len(scored),
     }
 
 

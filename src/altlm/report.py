@@ -225,15 +225,12 @@ def _run_section(run: dict, out: Path, prefix: str) -> list[str]:
 
 
 def eval_lines(ev: dict) -> list[str]:
-    m = ev["metric"]
+    from .evaluation import eval_rows
+
+    header, *rows = eval_rows(ev)
     lines = [f"`altlm eval` ({ev['prompts']} prompts; samples per prompt per row):", "",
-             f"| model | feedback | k | avg max {m} | {m} prob | {m} mean | ppl | dist-1 | dist-2 | dist-3 | reward | length | truncated |",
-             "|---" * 13 + "|"]
-    for model, blocks in ev["results"].items():
-        for fb, b in blocks.items():
-            lines.append(f"| {model} | {fb.replace('<none>', '(none)')} | {b['samples_per_prompt']} | {_fmt(b[f'avg_max_{m}'])} | {_fmt(b[f'{m}_prob'])} | "
-                         f"{_fmt(b[f'{m}_mean'])} | {_fmt(b['perplexity'], 1)} | {_fmt(b['dist_1'], 3)} | {_fmt(b['dist_2'], 3)} | "
-                         f"{_fmt(b['dist_3'], 3)} | {_fmt(b['reward_mean'])} | {_fmt(b['length_mean'], 1)} | {_fmt(b['truncated_share'], 3)} |")
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     st = ev.get("steerability") or {}
     lines += ["", f"steerability ({st.get('metric')} over {len(st.get('feedback') or [])} feedback strings): "
                   f"Spearman ρ = {_fmt(st.get('spearman_rho'), 3)}, gap = {_fmt(st.get('gap'))}"]

@@ -64,12 +64,11 @@ class ChatModel:
         return grouped, usage
 
 
-    @torch.no_grad()
     def choose(self, conversations: list[list[dict]], options: list[str], batch_size: int = 16) -> list[int]:
         """For each conversation, the index of the option the model finds most likely as its reply (mean token
         log-probability, so short options are not favoured). A constrained judge: the answer is always one of the
         options, which small local models cannot be relied on to produce by free generation."""
-        from .loss import target_logits
+        from .loss import mean_logprobs
 
         tok = self.tokenizer
         opts = [tok(o, add_special_tokens=False).input_ids for o in options]
@@ -79,10 +78,7 @@ class ChatModel:
         with self.lock:
             for s in range(0, len(pairs), batch_size):
                 chunk = pairs[s:s + batch_size]
-                logits, tgt, mask = target_logits(self.model, [a for a, _ in chunk], [b for _, b in chunk], pad)
-                logits = logits.float()
-                lp = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-                means += ((lp * mask).sum(-1) / mask.sum(-1)).tolist()
+                means += mean_logprobs(self.model, [a for a, _ in chunk], [b for _, b in chunk], pad)
         k = len(options)
         return [max(range(k), key=lambda j: means[i * k + j]) for i in range(len(conversations))]
 

@@ -106,7 +106,6 @@ class Judge:
         if settings.backend == "openai":
             self._client = self._openai_client()
         else:
-            from ..sampler import inference_model  # noqa: F401  (keeps the import error local to this backend)
             from ..serve import ChatModel
 
             self._chat = ChatModel(settings.model)
@@ -141,9 +140,13 @@ class Judge:
             self._next_slot = slot + 1.0 / self.s.requests_per_second
         time.sleep(max(0.0, slot - now))
 
-    def _count(self, kind: str) -> None:
+    def _add(self, error: str | None = None, **counts: int) -> None:
+        """Add to the counters; endpoint calls run in a thread pool, and `+=` on shared state can lose updates."""
         with self._rate_lock:
-            self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
+            for k, n in counts.items():
+                setattr(self.stats, k, getattr(self.stats, k) + n)
+            if error:
+                self.stats.errors[error] = self.stats.errors.get(error, 0) + 1
 
     def _request(self, messages: list[dict]) -> str | None:
         """One answer from the endpoint, retried on transient failures; None when all tries failed."""
@@ -152,7 +155,7 @@ class Judge:
         s = self.s
         for attempt in range(s.max_retries + 1):
             self._throttle()
-            self.stats.requests += 1
+            self._add(requests=1)
             try:
                 r = self._client.chat.completions.create(model=s.model, messages=messages, temperature=s.temperature,
                                                           max_tokens=s.max_tokens)
@@ -160,22 +163,20 @@ class Judge:
                 if not isinstance(text, str):
                     raise ValueError("answer without text")
                 if r.usage:
-                    self.stats.prompt_tokens += r.usage.prompt_tokens or 0
-                    self.stats.completion_tokens += r.usage.completion_tokens or 0
+                    self._add(prompt_tokens=r.usage.prompt_tokens or 0, completion_tokens=r.usage.completion_tokens or 0)
                 return text
             except openai.APIStatusError as e:
+                self._add(f"http_{e.status_code}")
                 if e.status_code != 429 and e.status_code < 500:
-                    self._count(f"http_{e.status_code}")
                     return None  # 4xx other than 429: asking again gives the same answer
-                self._count(f"http_{e.status_code}")
             except openai.APITimeoutError:
-                self._count("timeout")
+                self._add("timeout")
             except openai.APIConnectionError:
-                self._count("connection")
+                self._add("connection")
             except (openai.APIResponseValidationError, ValueError, IndexError, AttributeError, TypeError):
-                self._count("unreadable")
+                self._add("unreadable")
             if attempt < s.max_retries:
-                self.stats.retries += 1
+                self._add(retries=1)
                 time.sleep(min(30.0, s.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.5))
         return None
 
