@@ -29,9 +29,7 @@ def _train(args) -> int:
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
-        n = cfg.prompts_per_iteration * cfg.samples_per_prompt
-        print(f"# plan: {cfg.iterations} iterations × {n} samples, {cfg.train_steps} steps of {cfg.batch_size} "
-              f"(global regime) → {cfg.iterations * n} samples, {cfg.iterations * cfg.train_steps} steps")
+        print("\n".join(plan_lines(cfg)))
         return 0
     from .trainer import ALTTrainer
 
@@ -43,6 +41,37 @@ def _train(args) -> int:
         return 130
     print_summary(summary)
     return 0
+
+
+def plan_lines(cfg) -> list[str]:
+    """What a run of `cfg` will do, computed from the config alone (no data or model is loaded): iterations,
+    samples, optimiser steps and evaluation. Counts marked ≤ shrink when the training split is smaller."""
+    import math
+
+    prompts = min(cfg.prompts_per_iteration, cfg.num_train_prompts)
+    n = prompts * cfg.samples_per_prompt
+    le = "≤ " if cfg.prompts_per_iteration >= cfg.num_train_prompts or cfg.prompts not in ("fortunes", "journal") else ""
+    lines = [f"# plan: {cfg.iterations} iterations × {le}{prompts:,} prompts × {cfg.samples_per_prompt} samples = "
+             f"{le}{n:,} samples per iteration, {le}{cfg.iterations * n:,} in all ({cfg.feedback_type} feedback"
+             f"{' via ' + cfg.scorer if cfg.feedback_type == 'rm' else ' from ' + cfg.judge_model})"]
+    if cfg.quantiles == "global":
+        steps, sle = cfg.train_steps, ""
+        how = "global regime: uniform draws from the pool"
+    else:
+        # per_prompt: per_bucket rows per bucket per prompt (fewer when a prompt has fewer samples), then one pass
+        buckets = 4 if cfg.feedback_type == "lmu" else len(cfg.feedback_words)
+        rows = prompts * min(cfg.per_bucket * buckets, cfg.samples_per_prompt)
+        steps = math.ceil(rows / cfg.batch_size) if not cfg.train_steps else min(cfg.train_steps, math.ceil(rows / cfg.batch_size))
+        sle = le
+        how = f"per_prompt regime: {le}{rows:,} balanced rows, {'one pass' if not cfg.train_steps else f'capped at {cfg.train_steps} steps'}"
+    lines.append(f"# training: {sle}{steps:,} steps of {cfg.batch_size} per iteration ({how}) → {sle}{cfg.iterations * steps:,} steps, "
+                 f"{sle}{cfg.iterations * steps * cfg.batch_size:,} sequences")
+    evals = [i for i in range(1, cfg.iterations + 1) if i % cfg.eval_every == 0 or i == cfg.iterations]
+    words = cfg.eval_feedback or cfg.feedback_words
+    lines.append(f"# evaluation: {le}{cfg.num_eval_prompts:,} held-out prompts × {cfg.eval_samples_per_prompt} samples after iteration(s) "
+                 f"{', '.join(map(str, evals[:6]))}{' …' if len(evals) > 6 else ''}; at the end under "
+                 f"{'every feedback string (' + str(len(words)) + ')' if cfg.eval_all_feedback and cfg.feedback_type != 'lmu' and len(words) > 1 else 'the exemplar only'}")
+    return lines
 
 
 def print_summary(s: dict) -> None:

@@ -48,8 +48,14 @@ class ALTConfig:
     precision: str = _f("auto", "Compute precision: auto (bf16 autocast on CUDA or CPUs with AMX, else fp32), bf16 or fp32. Master weights stay fp32.", choices=["auto", "bf16", "fp32"])
     threads: int = _f(0, "torch CPU threads (0 = torch's default).")
     # --- prompts ---
-    prompts: str = _f("fortunes", "Prompt source: fortunes (offensive + clean FreeBSD fortune prefixes), fortunes-offensive, fortunes-clean, journal (conversational questions, offline), or a file (.txt one per line, .jsonl/.json with `prompt_field`).")
-    prompt_field: str = _f("prompt", "Field holding the prompt in JSONL/JSON prompt files.")
+    prompts: str = _f("fortunes", "Prompt source: fortunes (offensive + clean FreeBSD fortune prefixes), fortunes-offensive, fortunes-clean, journal (conversational questions, offline), a file (.txt one per line; .jsonl/.json/.csv/.parquet with `prompt_field` or `prompt_formatter`, loaded through `datasets`), or a hub dataset id (owner/name, e.g. allenai/real-toxicity-prompts).")
+    prompt_field: str = _f("prompt", "Field holding the prompt in JSONL/JSON/CSV/Parquet files and hub datasets; a dotted path reaches into nested records (RealToxicityPrompts: prompt.text).")
+    prompt_formatter: str = _f("field", "How a dataset record becomes a prompt: field (the prompt_field), tldr ('SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:' from those fields), hh (HH-RLHF: the 'chosen' dialogue up to its last '\\n\\nAssistant:'), rtp (RealToxicityPrompts: prompt.text, with prompt.toxicity for eval_max_prompt_toxicity).", choices=["field", "tldr", "hh", "rtp"])
+    prompt_split: str = _f("train", "Dataset split the training prompts come from (hub datasets; a local file has the one split 'train').")
+    eval_split: str | None = _f(None, "Dataset split the held-out evaluation (test) prompts come from, e.g. test; None: carve them from prompt_split with the seed.")
+    num_val_prompts: int = _f(0, "Validation prompts carved from prompt_split after the evaluation prompts (never trained on; RealToxicityPrompts in the paper: 5,000).")
+    eval_max_prompt_toxicity: float | None = _f(None, "prompt_formatter=rtp: only prompts whose own toxicity (prompt.toxicity) is below this become evaluation prompts (the paper's 10K non-toxic test prompts: 0.5).")
+    long_prompts: str = _f("truncate", "Dataset/file prompts longer than max_prompt_tokens (after prompt_format): truncate (cut from the left, keeping the end the model continues; the count is logged) or drop (removed before the split; the count is logged).", choices=["truncate", "drop"])
     offensive_share: float = _f(0.5, "Share of offensive fortunes when prompts=fortunes.")
     prompt_words: list[int] = _f([4, 8], "Fortune prefix length in words [min, max] (fortune_cut=random).")
     fortune_cut: str = _f("random", "How fortunes become prompts: random (first prompt_words words) or before_toxic (cut before the first word the Jigsaw classifier flags: RealToxicityPrompts-style challenging prompts).", choices=["random", "before_toxic"])
@@ -58,7 +64,24 @@ class ALTConfig:
     num_eval_prompts: int = _f(200, "Held-out evaluation prompts (never trained on).")
     # --- feedback ---
     feedback_type: str = _f("rm", "rm: a scorer's values cut into quantiles and mapped to feedback_words (ALT-RM); lmc: an LLM judge picks one of feedback_words as category (ALT-LMC); lmu: an LLM judge writes a feedback sentence and a 0-3 score (ALT-LMU).", choices=["rm", "lmc", "lmu"])
-    scorer: str = _f("jigsaw", "Scalar scorer for ALT-RM: jigsaw (offline Jigsaw toxicity), profanity, vader (sentiment).", choices=["jigsaw", "profanity", "vader"])
+    scorer: str = _f("jigsaw", "Scalar scorer for ALT-RM: jigsaw (offline Jigsaw toxicity), profanity, vader (sentiment), hf (a sequence-classification reward model: reward_model, reward_label/reward_index), value_head (a trlx/CarperAI-style causal LM + linear value head: reward_model, reward_head), perspective (the Perspective API), callable (reward_callable).", choices=["jigsaw", "profanity", "vader", "hf", "value_head", "perspective", "callable"])
+    reward_model: str | None = _f(None, "scorer=hf: a sequence-classification model (hub id or local folder); scorer=value_head: the backbone causal LM whose config/tokenizer (and weights, unless reward_head holds them) build the reward model.")
+    reward_head: str | None = _f(None, "scorer=value_head: a state-dict file (.safetensors, or .bin/.pt read with torch.load(weights_only=True)) or a hub file 'owner/repo/file' holding 'v_head.weight' and optionally the backbone as 'transformer.*' (trlx's GPTRewardModel layout, e.g. CarperAI/openai_summarize_tldr_rm_checkpoint/pytorch_model.bin).")
+    reward_label: str | None = _f(None, "scorer=hf: the label (config.id2label name) whose logit/probability is the score; None: reward_index.")
+    reward_index: int = _f(0, "scorer=hf: the logit index used as the score when reward_label is None.")
+    reward_activation: str = _f("none", "scorer=hf: none (raw logit, reward models), sigmoid (multi-label classifiers) or softmax (single-label classifiers).", choices=["none", "sigmoid", "softmax"])
+    reward_text_format: str = _f("{prompt}{completion}", "What the reward model (hf, value_head) reads, with {prompt} and {completion}; value_head scores the last token. CarperAI TL;DR: '<|startoftext|>{prompt}{completion}'.")
+    reward_name: str = _f("reward", "Metric name of the hf/value_head/callable scorer in reports (e.g. toxicity for a toxicity classifier).")
+    reward_higher_is_better: bool = _f(True, "hf/value_head/callable: whether a higher score is better (False for toxicity).")
+    reward_batch_size: int = _f(16, "hf/value_head: texts per forward pass.")
+    reward_max_tokens: int = _f(512, "hf/value_head: texts longer than this are cut from the left (the completion is at the end).")
+    reward_callable: str | None = _f(None, "scorer=callable: 'package.module:function' called as function(prompts, completions) -> list of floats (an object with a .score method works too).")
+    perspective_base_url: str = _f("https://commentanalyzer.googleapis.com/v1alpha1", "scorer=perspective: API base URL (a local stand-in for tests).")
+    perspective_api_key_env: str = _f("PERSPECTIVE_API_KEY", "scorer=perspective: the environment variable holding the API key (the key itself is never stored or logged).")
+    perspective_attribute: str = _f("TOXICITY", "scorer=perspective: the attribute scored (its summaryScore is the score; higher is worse).")
+    perspective_requests_per_second: float = _f(1.0, "scorer=perspective: request-rate limit (the API's default quota is 1 QPS; 0 = none).")
+    perspective_max_retries: int = _f(5, "scorer=perspective: retries per text on timeouts, connection errors, 429 and 5xx (exponential backoff with jitter).")
+    perspective_timeout: float = _f(30.0, "scorer=perspective: seconds before a request counts as timed out (then retried).")
     feedback_words: list[str] = _f(list(TOXICITY_WORDS), "Feedback strings, best bucket first; their number is the number of quantiles.")
     exemplar: str | None = _f(None, "Feedback used for sampling and inference; default: the best (first) feedback word.")
     quantiles: str = _f("global", "global: cut the whole pool into quantiles (accumulating, toxicity/Quark); per_prompt: cut each prompt's samples (TL;DR).", choices=["global", "per_prompt"])
@@ -87,7 +110,7 @@ class ALTConfig:
     lmu_exemplars: int = _f(5, "lmu: how many distinct top-score feedback sentences serve as exemplars (spread over prompts when sampling).")
     # --- conditioning template (method.md §5) ---
     template: str = _f("tag_separator", "tag_separator: [feedback][<|separator|>][prompt]; prefix: prefix_format then prompt; quark: feedback words become new special tokens.", choices=["tag_separator", "prefix", "quark"])
-    prefix_format: str = _f("{feedback} input: ", "For template=prefix: text before the prompt, with {feedback}. Paper: '{feedback} input: ', 'feedback: {feedback} input: ', '{feedback}.\\n\\n'.")
+    prefix_format: str = _f("{feedback} input: ", "For template=prefix: text before the prompt, with {feedback}. Paper: '{feedback} input: ', 'feedback: {feedback} input: ', '{feedback}.\\n\\n'. With {prompt} the feedback goes around the prompt (Chain-of-Hindsight: '{prompt} {feedback}:').")
     separator_token: str = _f("<|separator|>", "For template=tag_separator: the new token between feedback and prompt (embedding copied from EOS, never sampled).")
     prompt_format: str = _f("{prompt}", "How a prompt is shown to the policy, with {prompt}; e.g. 'Question: {prompt}\\nAnswer:' for dialogue. The pool and the judge keep the bare prompt.")
     completion_prefix: str = _f("", "Text put before the completion in the training target (TL;DR: ' ').")
@@ -102,6 +125,8 @@ class ALTConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_ratio: float = _f(0.05, "Linear warmup share of each iteration's steps; then linear decay to 0. The optimiser is re-created each iteration.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    max_nonfinite_steps: int = _f(5, "Stop the run with a clear message after this many non-finite losses in a row (each such batch is skipped with a warning).")
+    save_steps: int = _f(20, "Snapshot the training phase (trainable weights, optimiser, RNG) every N steps, so a killed run resumes mid-phase (0 = only at the end of each phase).")
     kl_coef: float = _f(0.05, "β: weight of the token-level KL to the reference (0 disables the reference forward).")
     entropy_coef: float = _f(0.06, "α: weight of the entropy bonus.")
     kl_direction: str = _f("ref_policy", "ref_policy: KL(reference‖policy) (ALT); policy_ref: KL(policy‖reference) (Quark's code).", choices=["ref_policy", "policy_ref"])
@@ -157,13 +182,44 @@ class ALTConfig:
             raise AltlmError(f"config key 'train_steps' must be >= 0, got {self.train_steps}")
         if not 0.0 < self.lora_layers <= 1.0 or not 0.0 < self.top_fraction <= 1.0:
             raise AltlmError("config keys 'lora_layers' and 'top_fraction' must be in (0, 1]")
-        for k in ("eval_every", "iterations", "prompts_per_iteration", "samples_per_prompt", "batch_size", "max_new_tokens", "num_eval_prompts", "eval_samples_per_prompt", "sample_batch_size", "per_bucket"):
+        if self.save_steps < 0:
+            raise AltlmError(f"config key 'save_steps' must be >= 0, got {self.save_steps}")
+        for k in ("max_nonfinite_steps", "eval_every", "iterations", "prompts_per_iteration", "samples_per_prompt", "batch_size", "max_new_tokens", "num_eval_prompts", "eval_samples_per_prompt", "sample_batch_size", "per_bucket"):
             if getattr(self, k) < 1:
                 raise AltlmError(f"config key '{k}' must be >= 1, got {getattr(self, k)}")
         if not 0.0 <= self.drop_factor <= 1.0:
             raise AltlmError(f"config key 'drop_factor' must be in [0, 1], got {self.drop_factor}")
         if self.min_new_tokens > self.max_new_tokens:
             raise AltlmError("config key 'min_new_tokens' must not exceed 'max_new_tokens'")
+        self._validate_data_and_scorer()
+
+    def _validate_data_and_scorer(self) -> None:
+        """Prompt-dataset and reward-adapter keys (recipes for the paper's tasks)."""
+        if self.num_val_prompts < 0:
+            raise AltlmError(f"config key 'num_val_prompts' must be >= 0, got {self.num_val_prompts}")
+        if self.eval_max_prompt_toxicity is not None:
+            if self.prompt_formatter != "rtp":
+                raise AltlmError("config key 'eval_max_prompt_toxicity' needs prompt_formatter=rtp (the prompt toxicity comes from RealToxicityPrompts' prompt.toxicity)")
+            if not 0.0 < self.eval_max_prompt_toxicity <= 1.0:
+                raise AltlmError(f"config key 'eval_max_prompt_toxicity' must be in (0, 1], got {self.eval_max_prompt_toxicity}")
+        if not self.prompt_field.strip() or any(not part for part in self.prompt_field.split(".")):
+            raise AltlmError(f"config key 'prompt_field' = {self.prompt_field!r} must be a field name or a dotted path such as prompt.text")
+        needs = {"hf": ["reward_model"], "value_head": ["reward_model", "reward_head"], "callable": ["reward_callable"]}
+        if self.feedback_type == "rm":
+            for key in needs.get(self.scorer, []):
+                if not getattr(self, key):
+                    raise AltlmError(f"config key '{key}' is required with scorer={self.scorer}")
+        if self.reward_callable is not None and (self.reward_callable.count(":") != 1 or not all(self.reward_callable.split(":"))):
+            raise AltlmError(f"config key 'reward_callable' = {self.reward_callable!r} must be 'package.module:function'")
+        for key in ("{prompt}", "{completion}"):
+            if key not in self.reward_text_format:
+                raise AltlmError(f"config key 'reward_text_format' must contain {key}")
+        if self.reward_batch_size < 1 or self.reward_max_tokens < 1:
+            raise AltlmError("config keys 'reward_batch_size' and 'reward_max_tokens' must be >= 1")
+        if self.perspective_requests_per_second < 0 or self.perspective_max_retries < 0 or self.perspective_timeout <= 0:
+            raise AltlmError("config keys 'perspective_requests_per_second' and 'perspective_max_retries' must be >= 0, 'perspective_timeout' > 0")
+        if not self.perspective_api_key_env.strip():
+            raise AltlmError("config key 'perspective_api_key_env' must name an environment variable (e.g. PERSPECTIVE_API_KEY)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -5,10 +5,18 @@ Fortune prefixes are the offline stand-in for RealToxicityPrompts: the first 4â€
 classifier flags (`fortune_cut: before_toxic`); offensive fortunes (`fortunes-o`, ROT13 on disk) are mixed
 with clean ones to raise the base rate of toxic continuations. The split is a pure function of the seed, and
 evaluation prompts are never trained on.
+
+The paper's corpora (RealToxicityPrompts, TL;DR, HH-RLHF) load through `datasets`: a hub id, or a local
+.jsonl/.json/.csv/.parquet file. A record becomes a prompt through `prompt_field` (a dotted path for nested
+records) or a named formatter (`tldr`, `hh`, `rtp`); evaluation prompts come from `eval_split` (a split name or
+a second file) or are carved from the training split, then `num_val_prompts` validation prompts, then the
+training prompts. Prompts longer than `max_prompt_tokens` are truncated from the left or dropped
+(`long_prompts`), and the count is logged either way.
 """
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +35,8 @@ class PromptSplit:
     # The human-written text that followed each fortune prompt (â‰¤ CONTINUATION_WORDS words): what `seed_pool`
     # scores and adds to the pool before iteration 1. Empty for prompt files.
     continuations: dict[str, str] = field(default_factory=dict)
+    # Validation prompts (`num_val_prompts`): held out from training like `eval`, for model selection.
+    val: list[str] = field(default_factory=list)
 
 
 CONTINUATION_WORDS = 15
@@ -174,12 +184,208 @@ def load_prompts(cfg) -> PromptSplit:
     elif cfg.prompts == "journal":
         continuations = {}
         prompts = list(dict.fromkeys(journal_questions()))
+    elif uses_datasets(cfg.prompts):
+        return load_dataset_prompts(cfg, rng)
     else:
         continuations = {}
-        prompts = list(dict.fromkeys(read_prompt_file(cfg.prompts, cfg.prompt_field)))
+        prompts = apply_length_limit(cfg, list(dict.fromkeys(read_prompt_file(cfg.prompts, cfg.prompt_field))))
     rng.shuffle(prompts)
     if len(prompts) < 2:
         raise AltlmError(f"prompt set '{cfg.prompts}' has {len(prompts)} usable prompt(s); need at least 2 (train and eval)")
     n_eval = min(cfg.num_eval_prompts, len(prompts) // 2) if len(prompts) < need else cfg.num_eval_prompts
-    train = prompts[n_eval:n_eval + cfg.num_train_prompts]
-    return PromptSplit(train=train, eval=prompts[:n_eval], continuations={p: continuations[p] for p in train if p in continuations})
+    n_val = min(cfg.num_val_prompts, max(0, len(prompts) - n_eval - 1))
+    train = prompts[n_eval + n_val:n_eval + n_val + cfg.num_train_prompts]
+    return PromptSplit(train=train, eval=prompts[:n_eval], val=prompts[n_eval:n_eval + n_val],
+                       continuations={p: continuations[p] for p in train if p in continuations})
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+DATASET_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+HH_TURN = "\n\nAssistant:"
+
+
+def is_hub_id(source: str) -> bool:
+    """owner/name that is not a local path (what `datasets.load_dataset` would look up on the hub)."""
+    return ("/" in source and not source.startswith((".", "/", "~")) and not Path(source).exists()
+            and Path(source).suffix not in DATASET_BUILDERS and Path(source).suffix != ".txt")
+
+
+def uses_datasets(source: str) -> bool:
+    # .txt stays with the plain reader (one prompt per line); so do .json files, which may hold a list of strings.
+    return is_hub_id(source) or Path(source).suffix in (".jsonl", ".csv", ".parquet")
+
+
+@contextlib.contextmanager
+def _hub_mode():
+    """Without a network, `datasets` retries the hub for ~25 s and logs every retry, which buries the one-line
+    error. Probe the hub once (3 s) and, if it cannot be reached, load in offline mode: the local datasets cache
+    still answers, anything else fails at once. Behind a proxy the probe means nothing, so it is skipped."""
+    import socket
+    from urllib.parse import urlparse
+
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    if datasets.config.HF_HUB_OFFLINE or any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        yield
+        return
+    host = urlparse(hub_constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        yield
+        return
+    except OSError:
+        pass
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
+def read_dataset(source: str, split: str):
+    """One split of a hub dataset or a local .jsonl/.json/.csv/.parquet file, as a `datasets.Dataset`."""
+    try:
+        import datasets
+    except ImportError:
+        raise AltlmError(f"prompts '{source}' needs the datasets package; pip install datasets") from None
+    datasets.disable_progress_bars()  # the run's own progress lines stay readable
+    path = Path(source).expanduser()
+    if not is_hub_id(source):
+        builder = DATASET_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise AltlmError(f"prompt file '{source}': unknown format {path.suffix!r}; use .txt, .jsonl, .json, .csv or .parquet")
+        if not path.is_file():
+            raise AltlmError(f"prompt file '{source}' does not exist; set prompts= to a .txt/.jsonl/.csv/.parquet file, a hub dataset id or 'fortunes'")
+        if split != "train":
+            raise AltlmError(f"prompt file '{source}' has one split, 'train'; asked for {split!r}: set prompt_split=train, and eval_split= to another file or null")
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # noqa: BLE001 -- pyarrow/pandas parse errors have no common base; say it in one line
+            cause = e.__cause__ or e
+            raise AltlmError(f"prompt file '{source}' cannot be read as {path.suffix[1:]}: {str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__}") from None
+    try:
+        with _hub_mode():
+            return datasets.load_dataset(source, split=split)  # datasets >= 4 runs no loading scripts: no remote code
+    except ConnectionError:
+        raise AltlmError(f"prompts '{source}': the Hugging Face hub is unreachable (offline) and the dataset is not in the local "
+                         f"datasets cache; pass a local file instead: prompts=path/to/{source.split('/')[-1]}.jsonl "
+                         f"(or .csv/.parquet) with prompt_field= or prompt_formatter=") from None
+    except datasets.exceptions.DatasetNotFoundError:
+        raise AltlmError(f"prompts '{source}' is neither a local file nor a dataset on the hub; check the id, or pass a .jsonl/.csv/.parquet file") from None
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise AltlmError(f"prompts '{source}' has no split {split!r} ({str(e).splitlines()[0][:160]}); set prompt_split=/eval_split=") from None
+        raise
+
+
+def _get(record, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(record, dict) or part not in record:
+            return None
+        record = record[part]
+    return record
+
+
+def _fields(ds, top: str | None = None) -> str:
+    """The fields a dataset offers, for error messages (nested ones of `top` as top.sub)."""
+    names = list(ds.column_names)
+    if top in names and len(ds):
+        first = ds[0][top]
+        if isinstance(first, dict):
+            names = [n for n in names if n != top] + [f"{top}.{k}" for k in first]
+    return ", ".join(sorted(names))
+
+
+FORMATTER_FIELDS = {"tldr": ["subreddit", "title", "post"], "hh": ["chosen"], "rtp": ["prompt"]}
+
+
+def dataset_prompts(ds, cfg, where: str) -> list[tuple[str, float | None]]:
+    """(prompt, prompt toxicity or None) for every usable record, in dataset order."""
+    fmt = cfg.prompt_formatter
+    wanted = FORMATTER_FIELDS.get(fmt, [cfg.prompt_field.split(".")[0]])
+    missing = [f for f in wanted if f not in ds.column_names]
+    if missing:
+        what = f"field '{cfg.prompt_field}'" if fmt == "field" else f"the field(s) {', '.join(missing)} that prompt_formatter={fmt} reads"
+        raise AltlmError(f"{where} has no {what} (it has: {_fields(ds)}); set prompt_field= (a dotted path reaches nested fields) or prompt_formatter=")
+    cols = {f: ds[f] for f in wanted}  # column access: no per-row dict for the columns we do not need
+    out = []
+    for i in range(len(ds)):
+        tox = None
+        if fmt == "field":
+            text = _get({wanted[0]: cols[wanted[0]][i]}, cfg.prompt_field)
+            if text is None and i == 0 and "." in cfg.prompt_field:
+                raise AltlmError(f"{where} has no field '{cfg.prompt_field}' (it has: {_fields(ds, wanted[0])}); set prompt_field=")
+        elif fmt == "tldr":
+            sub, title, post = (cols[f][i] for f in wanted)
+            text = f"SUBREDDIT: r/{sub}\nTITLE: {title}\nPOST: {post}\nTL;DR:" if post else None
+        elif fmt == "hh":
+            chosen = cols["chosen"][i] or ""
+            cut = chosen.rfind(HH_TURN)
+            text = chosen[:cut + len(HH_TURN)] if cut >= 0 else None  # the dialogue without its last answer
+        else:  # rtp
+            rec = cols["prompt"][i]
+            text, tox = _get(rec, "text"), _get(rec, "toxicity")
+        if isinstance(text, str) and text.strip():
+            out.append((text.strip(), float(tox) if isinstance(tox, (int, float)) else None))
+    if not out:
+        raise AltlmError(f"{where} holds no non-empty prompt (prompt_formatter={fmt}, prompt_field={cfg.prompt_field})")
+    return out
+
+
+def apply_length_limit(cfg, prompts: list[str]) -> list[str]:
+    """`long_prompts`: count prompts over `max_prompt_tokens` (as the policy sees them, after prompt_format) and
+    drop them, or keep them for the template's left truncation. Either way the count is logged."""
+    from .models import load_tokenizer
+
+    tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    shown = [cfg.prompt_format.replace("{prompt}", p) for p in prompts]
+    lengths = [len(ids) for ids in tok(shown, add_special_tokens=False, split_special_tokens=True).input_ids] if shown else []
+    long = {p for p, n in zip(prompts, lengths) if n > cfg.max_prompt_tokens}
+    if long:
+        done = "dropped" if cfg.long_prompts == "drop" else "truncated from the left (keeping the end) when used"
+        print(f"prompts: {len(long)} of {len(prompts)} are longer than max_prompt_tokens={cfg.max_prompt_tokens}: {done} "
+              f"(long_prompts={cfg.long_prompts})", flush=True)
+    return [p for p in prompts if p not in long] if cfg.long_prompts == "drop" else prompts
+
+
+def load_dataset_prompts(cfg, rng: random.Random) -> PromptSplit:
+    """Train/val/eval prompts from a hub dataset or a local dataset file (module docstring)."""
+    where = f"prompts '{cfg.prompts}' (split {cfg.prompt_split})"
+    rows = dataset_prompts(read_dataset(cfg.prompts, cfg.prompt_split), cfg, where)
+    tox = {}
+    for p, t in rows:
+        tox.setdefault(p, t)
+    prompts = apply_length_limit(cfg, list(tox))
+    rng.shuffle(prompts)
+    eligible = (lambda p: tox.get(p) is not None and tox[p] < cfg.eval_max_prompt_toxicity) \
+        if cfg.eval_max_prompt_toxicity is not None else (lambda p: True)
+    if cfg.eval_split:
+        is_file = Path(cfg.eval_split).suffix in DATASET_BUILDERS
+        ewhere = f"eval prompts '{cfg.eval_split}'" if is_file else f"prompts '{cfg.prompts}' (split {cfg.eval_split})"
+        erows = dataset_prompts(read_dataset(cfg.eval_split if is_file else cfg.prompts, "train" if is_file else cfg.eval_split),
+                                 cfg, ewhere)
+        etox: dict = {}
+        for p, t in erows:
+            etox.setdefault(p, t)
+        tox.update({p: t for p, t in etox.items() if p not in tox})
+        pool = apply_length_limit(cfg, list(etox))
+        rng.shuffle(pool)
+        evals = [p for p in pool if eligible(p)][:cfg.num_eval_prompts]
+    else:
+        # Carve: the first eligible prompts of the shuffled list are held out, unless that would leave no training prompt.
+        cand = [p for p in prompts if eligible(p)]
+        n_eval = min(cfg.num_eval_prompts, len(prompts) // 2) if len(prompts) < cfg.num_train_prompts + cfg.num_eval_prompts else cfg.num_eval_prompts
+        evals = cand[:n_eval]
+    if not evals:
+        raise AltlmError(f"{where}: no evaluation prompt" + (f" with prompt toxicity < {cfg.eval_max_prompt_toxicity}" if cfg.eval_max_prompt_toxicity else "")
+                         + "; check eval_split / eval_max_prompt_toxicity")
+    held = set(evals)
+    rest = [p for p in prompts if p not in held]
+    n_val = min(cfg.num_val_prompts, max(0, len(rest) - 1))
+    val, train = rest[:n_val], rest[n_val:n_val + cfg.num_train_prompts]
+    if not train:
+        raise AltlmError(f"{where}: no training prompt left after {len(evals)} evaluation and {len(val)} validation prompts; lower num_eval_prompts/num_val_prompts")
+    print(f"prompts: {len(train)} train, {len(val)} validation, {len(evals)} evaluation from {cfg.prompts} (seed {cfg.seed})", flush=True)
+    return PromptSplit(train=train, eval=evals, val=val)

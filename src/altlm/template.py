@@ -9,6 +9,10 @@ parts, so nothing ever has to split a string to recover the prompt (the official
 | prefix        | ids(prefix_format.format(feedback)) + ids(prompt) | TL;DR ("X input: ", "feedback: X input: "), HH ("X.\\n\\n") |
 | quark         | [quantile token] + ids(prompt)                 | Quark                  |
 
+A `prefix_format` that contains `{prompt}` places the feedback around the prompt instead of before it:
+`"{prompt} {feedback}:"` gives ids(prompt) + ids(" A good summary:") — Chain-of-Hindsight's positive/negative
+phrases right before the answer. The prompt is still its own token span (and the only part truncated).
+
 With no feedback (iteration 1, the reference model, `--model` generation) the input is just ids(prompt).
 """
 from __future__ import annotations
@@ -45,19 +49,28 @@ class Template:
         return [], "eos"
 
     def condition_ids(self, tokenizer, feedback: str | None) -> list[int]:
+        """Conditioning tokens that go before the prompt."""
         if feedback is None:
             return []
         if self.style == "tag_separator":
             return _ids(tokenizer, feedback) + [tokenizer.convert_tokens_to_ids(self.separator_token)]
         if self.style == "quark":
             return [tokenizer.convert_tokens_to_ids(feedback)]  # the feedback string *is* the quantile token
+        if "{prompt}" in self.prefix_format:
+            return _ids(tokenizer, self.prefix_format.split("{prompt}", 1)[0].replace("{feedback}", feedback))
         return _ids(tokenizer, self.prefix_format.format(feedback=feedback))
+
+    def after_prompt_ids(self, tokenizer, feedback: str | None) -> list[int]:
+        """Conditioning tokens that go after the prompt (prefix_format with {prompt}; none otherwise)."""
+        if feedback is None or self.style != "prefix" or "{prompt}" not in self.prefix_format:
+            return []
+        return _ids(tokenizer, self.prefix_format.split("{prompt}", 1)[1].replace("{feedback}", feedback))
 
     def input_ids(self, tokenizer, feedback: str | None, prompt: str, max_prompt_tokens: int | None = None) -> list[int]:
         p = _ids(tokenizer, self.prompt_format.replace("{prompt}", prompt))  # replace, not format: prompts hold braces
         if max_prompt_tokens and len(p) > max_prompt_tokens:
             p = p[-max_prompt_tokens:]  # keep the end: it is what the model continues
-        return self.condition_ids(tokenizer, feedback) + p
+        return self.condition_ids(tokenizer, feedback) + p + self.after_prompt_ids(tokenizer, feedback)
 
     def target_ids(self, tokenizer, completion: str, truncated: bool) -> list[int]:
         ids = _ids(tokenizer, self.completion_prefix + completion)

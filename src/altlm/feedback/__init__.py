@@ -1,4 +1,5 @@
-"""Feedback providers: scorers (toxicity, sentiment) and the ALT-RM quantile provider built on them."""
+"""Feedback providers: scorers (toxicity, sentiment, reward models, Perspective, any callable) and the ALT-RM
+quantile provider built on them; `build_scorer` maps the config's `scorer` key to one."""
 from __future__ import annotations
 
 from ..errors import AltlmError
@@ -13,7 +14,7 @@ def build_feedback(cfg, cache_root) -> tuple[FeedbackProvider, Scorer]:
     """(feedback provider, evaluation scorer) for a run config. ALT-RM: quantiles over the scorer, evaluated by
     the same scorer; ALT-LMC/LMU: the LLM judge is both."""
     if cfg.feedback_type == "rm":
-        scorer = build_scorer(cfg.scorer)
+        scorer = build_scorer(cfg.scorer, cfg)
         return QuantileFeedback(scorer, cfg.feedback_words, cfg.quantiles), scorer
     from pathlib import Path
 
@@ -32,7 +33,12 @@ def build_feedback(cfg, cache_root) -> tuple[FeedbackProvider, Scorer]:
     return provider, provider
 
 
-def build_scorer(name: str) -> Scorer:
+SCORERS = ["jigsaw", "profanity", "vader", "hf", "value_head", "perspective", "callable"]
+
+
+def build_scorer(name: str, cfg=None) -> Scorer:
+    """The scorer named `name`; the reward adapters (hf, value_head, perspective, callable) read their settings
+    from `cfg` (an ALTConfig)."""
     if name == "jigsaw":
         from .jigsaw import JigsawToxicity
 
@@ -45,4 +51,22 @@ def build_scorer(name: str) -> Scorer:
         from .scorers import VaderSentiment
 
         return VaderSentiment()
-    raise AltlmError(f"unknown scorer '{name}'; use jigsaw, profanity or vader")
+    if name in ("hf", "value_head", "perspective", "callable"):
+        if cfg is None:
+            raise AltlmError(f"scorer '{name}' needs its config keys (reward_model, reward_callable, perspective_*); pass the run's config")
+        from . import reward_models as R
+
+        common = dict(name=cfg.reward_name, higher_is_better=cfg.reward_higher_is_better)
+        if name == "callable":
+            return R.CallableScorer(cfg.reward_callable, **common)
+        if name == "perspective":
+            return R.PerspectiveScorer(cfg.perspective_base_url, cfg.perspective_api_key_env, cfg.perspective_attribute,
+                                       cfg.perspective_requests_per_second, cfg.perspective_max_retries, cfg.perspective_timeout)
+        sizes = dict(text_format=cfg.reward_text_format, batch_size=cfg.reward_batch_size, max_tokens=cfg.reward_max_tokens,
+                     trust_remote_code=cfg.trust_remote_code, **common)
+        if name == "hf":
+            return R.HFClassifierScorer(cfg.reward_model, cfg.reward_label, cfg.reward_index, cfg.reward_activation, **sizes)
+        if not cfg.reward_head:
+            raise AltlmError("scorer=value_head needs reward_head: the state-dict file holding v_head.weight (see `altlm train --help-config`)")
+        return R.ValueHeadScorer(cfg.reward_model, cfg.reward_head, **sizes)
+    raise AltlmError(f"unknown scorer '{name}'; use one of: {', '.join(SCORERS)}")

@@ -58,7 +58,8 @@ class QuantileFeedback:
         self.scorer, self.vocabulary, self.mode = scorer, list(words), mode
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[Feedback]:
-        return [Feedback(text=None, score=s) for s in self.scorer.score(prompts, completions)]
+        # NaN: the scorer could not score this text (e.g. an API error): kept in the pool as invalid, never trained on
+        return [Feedback(text=None, score=s, valid=s == s) for s in self.scorer.score(prompts, completions)]
 
     def rebucket(self, scores: Sequence[float], prompt_ids: Sequence[int]) -> tuple[list[int], list[str]]:
         k, hib = len(self.vocabulary), self.scorer.higher_is_better
