@@ -37,6 +37,8 @@ PAPER_RECIPES = ["toxicity-rtp", "quark-toxicity-rtp", "tldr-alt-rm", "tldr-quar
                  "hh-alt-lmc", "hh-steerlm"]
 HH = ["Harmless and very helpful", "Harmless and helpful", "Harmless and not helpful", "Harmful"]
 KEY = "sk-test-perspective-0123456789"
+# Reward models run in bf16 on CUDA (reward_models._device_and_dtype); hand computations here are fp32 on CPU.
+TOL = dict(abs=1e-4) if not torch.cuda.is_available() else dict(abs=5e-2, rel=5e-2)
 
 
 # ------------------------------------------------------------------------------------------- fixture files
@@ -369,7 +371,7 @@ def test_quark_toxicity_rtp_with_an_hf_classifier(assets, tmp_path):
     rows = pool(run)
     scorer = R.HFClassifierScorer(str(assets["classifier"]), label="toxic", activation="softmax")
     want = scorer.score([r["prompt"] for r in rows], [r["completion"] for r in rows])
-    assert [r["score"] for r in rows] == pytest.approx(want, abs=1e-5)
+    assert [r["score"] for r in rows] == pytest.approx(want, **TOL)
     assert all(0.0 <= r["score"] <= 1.0 for r in rows)
     assert {r["feedback"] for r in rows} <= {f"_TREE_TOKEN_0000{i}" for i in range(5)}
     assert json.loads((run / "summary.json").read_text())["metric"] == "toxicity"
@@ -470,11 +472,11 @@ def test_hf_classifier_label_index_and_activation(assets):
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     with torch.no_grad():
         logits = torch.stack([model(**tok(p + c, return_tensors="pt")).logits[0] for p, c in zip(prompts, comps)])
-    assert R.HFClassifierScorer(folder, index=1).score(prompts, comps) == pytest.approx(logits[:, 1].tolist(), abs=1e-5)
+    assert R.HFClassifierScorer(folder, index=1).score(prompts, comps) == pytest.approx(logits[:, 1].tolist(), **TOL)
     assert R.HFClassifierScorer(folder, label="toxic", activation="softmax").score(prompts, comps) == \
-        pytest.approx(logits.softmax(-1)[:, 1].tolist(), abs=1e-5)
+        pytest.approx(logits.softmax(-1)[:, 1].tolist(), **TOL)
     assert R.HFClassifierScorer(folder, label="non_toxic", activation="sigmoid").score(prompts, comps) == \
-        pytest.approx(logits[:, 0].sigmoid().tolist(), abs=1e-5)
+        pytest.approx(logits[:, 0].sigmoid().tolist(), **TOL)
     with pytest.raises(AltlmError, match="its labels: non_toxic, toxic"):
         R.HFClassifierScorer(folder, label="insult")
     with pytest.raises(AltlmError, match="out of range"):
@@ -501,10 +503,10 @@ def test_value_head_matches_a_hand_computed_reward(assets):
     carper.load_state_dict({k[len("transformer."):]: t for k, t in state.items() if k.startswith("transformer.")})
     fmt = "<|startoftext|>{prompt}{completion}"
     got = R.ValueHeadScorer(str(assets["backbone"]), str(assets["rm_bin"]), text_format=fmt).score(prompts, comps)
-    assert got == pytest.approx(by_hand(carper.eval()), abs=1e-4)  # the checkpoint's own backbone weights
+    assert got == pytest.approx(by_hand(carper.eval()), **TOL)  # the checkpoint's own backbone weights
     head_only = R.ValueHeadScorer(str(assets["backbone"]), str(assets["v_head"]), text_format=fmt).score(prompts, comps)
-    assert head_only == pytest.approx(by_hand(AutoModel.from_pretrained(assets["backbone"]).eval()), abs=1e-4)
-    assert head_only != pytest.approx(got, abs=1e-4)
+    assert head_only == pytest.approx(by_hand(AutoModel.from_pretrained(assets["backbone"]).eval()), **TOL)
+    assert head_only != pytest.approx(got, **TOL)
 
 
 def test_value_head_bad_files_are_one_line(assets, tmp_path):
@@ -578,3 +580,17 @@ def test_scorer_keys_are_validated():
         ALTConfig(scorer="callable", reward_callable="no_colon")
     with pytest.raises(AltlmError, match="eval_max_prompt_toxicity' needs prompt_formatter=rtp"):
         ALTConfig(eval_max_prompt_toxicity=0.5)
+
+
+def test_unscored_texts_become_invalid_samples():
+    """A NaN score (an API error, an unsupported language) must never reach the quantiles or training."""
+    from altlm.feedback import QuantileFeedback
+
+    class Flaky:
+        name, higher_is_better = "toxicity", False
+
+        def score(self, prompts, completions):
+            return [float("nan") if c == "?" else 0.1 for c in completions]
+
+    fbs = QuantileFeedback(Flaky(), ["a", "b"])(["p", "p"], ["fine", "?"])
+    assert [f.valid for f in fbs] == [True, False]
