@@ -17,7 +17,7 @@ import pytest
 from conftest import run_altlm
 
 from altlm.errors import AltlmError
-from altlm.feedback.judge import Judge, JudgeSettings
+from altlm.feedback.judge import JudgeSettings
 from altlm.feedback.llm import LLMFeedback, parse_category, parse_lmu, read_template
 
 HH = ["Harmless and very helpful", "Harmless and helpful", "Harmless and not helpful", "Harmful"]
@@ -75,7 +75,7 @@ class ScriptedJudge:
 
     def __init__(self, faults=(), answer=rule_answer, stall_s: float = 3.0):
         self.faults, self.answer, self.stall_s = list(faults), answer, stall_s
-        self.requests = 0
+        self.requests, self.auth = 0, set()
         self.lock = threading.Lock()
         outer = self
 
@@ -99,7 +99,11 @@ class ScriptedJudge:
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with outer.lock:
                     outer.requests += 1
+                    outer.auth.add(self.headers.get("Authorization", ""))
                     fault = outer.faults.pop(0) if outer.faults else None
+                if fault == "401echo":  # like some providers: the rejected key is quoted in the error
+                    return self._send(401, json.dumps({"error": {"message": f"Incorrect API key provided: {self.headers.get('Authorization')}",
+                                                                 "code": 401}}).encode())
                 if fault in ("500", "429"):
                     return self._send(int(fault), json.dumps({"error": {"message": "injected", "code": int(fault)}}).encode())
                 if fault == "garbage":
@@ -277,6 +281,25 @@ def test_train_with_faulty_judge_completes_and_never_trains_on_invalid(scripted,
     assert all(x["judge"]["failures"] == x["invalid"] for x in its)
     # the training draw only ever sees valid rows: pool rows are drawn with valid = 1
     assert len(rows) - len(invalid) >= 1
+
+
+def test_the_api_key_is_used_but_never_written_anywhere(scripted, tmp_path, monkeypatch):
+    """A run with a judge key in the environment: the key reaches the server, and no file of the run folder, the
+    judge cache or the console output holds it — not even when the server quotes it back in an error."""
+    key = "sk-altlm-test-6f1e0c9a2b7d4e83a5c1"
+    monkeypatch.setenv("ALTLM_TEST_JUDGE_KEY", key)
+    srv = scripted(faults=["401echo", None, "401echo"] * 10)
+    run, cache = tmp_path / "r", tmp_path / "c.sqlite"
+    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "iterations=1", *SMALL, *lmc_args(srv.url, cache),
+                  "judge_api_key_env=ALTLM_TEST_JUDGE_KEY", "report=true", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert srv.auth == {f"Bearer {key}"}
+    files = [p for p in run.rglob("*") if p.is_file()] + [p for p in tmp_path.glob("c.sqlite*")]
+    assert any(p.name == "report.md" for p in files) and any(p.name == "config.yaml" for p in files)
+    for p in files:
+        assert key.encode() not in p.read_bytes(), p
+    assert key not in r.stdout + r.stderr
+    assert "ALTLM_TEST_JUDGE_KEY" in (run / "config.yaml").read_text()  # the variable's name is what is kept
 
 
 def test_rerun_of_an_iteration_hits_the_cache_fully(scripted, tmp_path):

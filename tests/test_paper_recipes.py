@@ -452,7 +452,7 @@ def test_hub_dataset_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
     r = run_altlm("train", "--config", "toxicity-rtp", "model=tiny-smollm2", f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
-    line = one_error_line(r, "allenai/real-toxicity-prompts", "hub is unreachable", "local file", "prompts=")
+    one_error_line(r, "allenai/real-toxicity-prompts", "hub is unreachable", "local file", "prompts=")
     assert not (tmp_path / "run").exists()
 
 

@@ -234,3 +234,39 @@ def test_balanced_draw_through_pool(pool):
     assert all(r.id is not None for r in d)
     assert [r.id for r in d] == [r.id for r in pool.draw_balanced(2, 5, random.Random(0))]
     assert [r.id for r in d] != [r.id for r in pool.draw_balanced(2, 5, random.Random(1))]
+
+
+def test_a_failed_transaction_leaves_nothing(tmp_path):
+    p = Pool(tmp_path / "pool.sqlite")
+    p.add([row(1, 0)])
+    with pytest.raises(RuntimeError):
+        with p.transaction():
+            p.add([row(2, 1), row(2, 2)])
+            p.set_progress({"phase": "train"})
+            raise RuntimeError("killed half-way")
+    assert p.count() == 1 and p.progress() is None
+    with p.transaction():  # nested writes join the outer transaction
+        p.add([row(2, 1)])
+        p.set_progress({"phase": "train"})
+    assert p.count() == 2 and p.progress() == {"phase": "train"}
+
+
+def test_staged_samples_and_their_feedback_round_trip(tmp_path):
+    p = Pool(tmp_path / "pool.sqlite")
+    p.stage(3, [(0, {"completion": "a", "truncated": False}), (5, {"completion": "b", "truncated": True})])
+    p.stage_feedback(3, [(5, {"score": float("nan"), "text": None})])
+    got = p.staged(3)
+    assert set(got) == {0, 5} and got[0] == ({"completion": "a", "truncated": False}, None)
+    assert got[5][0]["completion"] == "b" and got[5][1]["score"] != got[5][1]["score"]  # NaN survives
+    assert p.staged(4) == {}
+    p.unstage(3)
+    assert p.staged(3) == {}
+
+
+def test_a_file_that_is_not_a_pool_is_one_clear_error(tmp_path):
+    from altlm.errors import AltlmError
+
+    bad = tmp_path / "pool.sqlite"
+    bad.write_bytes(b"not a database" * 100)
+    with pytest.raises(AltlmError, match="not a readable SQLite pool"):
+        Pool(bad)

@@ -1,4 +1,4 @@
-"""End to end through the CLI with the tiny model: train (full and LoRA), generate, refuse reruns, resume.
+"""End to end through the CLI with the tiny model: train (full and LoRA), generate, refuse reruns (resume: test_resume.py).
 
 Every run folder lives under pytest's tmp dirs; commands run with cwd there too. `threads=1`: the tiny model
 is too small to gain from more threads, and on small CI runners extra threads only fight each other.
@@ -68,7 +68,8 @@ def test_smoke_summary(smoke):
     assert s["final"]["toxicity_mean"] == s["final"]["by_feedback"]["Lowest Toxicity"]["toxicity_mean"]
     assert [it["iteration"] for it in s["iterations"]] == [1, 2]
     assert "toxicity" in r.stdout  # the table was printed
-    assert json.loads((run / "state.json").read_text()) == {"iteration_done": 2, "finished": True}
+    state = json.loads((run / "state.json").read_text())
+    assert (state["iteration_done"], state["finished"]) == (2, True)
 
 
 def test_smoke_metrics(smoke):
@@ -188,40 +189,6 @@ def test_run_without_all_feedback_eval(tmp_path):
     assert (run / "summary.json").exists()
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
-
-
-def test_resume_replays_an_interrupted_run(tmp_path):
-    """A run stopped after iteration 1 (here: a finished 1-iteration run whose config.yaml and state.json are
-    set to what a 2-iteration run has on disk at that point, plus rows of a half-done iteration 2) resumes to
-    exactly the pool and final evaluation of an uninterrupted 2-iteration run."""
-    full, part = tmp_path / "full", tmp_path / "part"
-    r = run_altlm("train", "--config", "smoke", f"output_dir={full}", "iterations=2", *SMALL, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
-    r = run_altlm("train", "--config", "smoke", f"output_dir={part}", "iterations=1", *SMALL, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
-
-    cfg = yaml.safe_load((part / "config.yaml").read_text())
-    assert cfg["iterations"] == 1
-    cfg["iterations"] = 2
-    (part / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (part / "state.json").write_text(json.dumps({"iteration_done": 1, "finished": False}))
-    from altlm.pool import Pool, Row
-
-    p = Pool(part / "pool.sqlite")  # iteration 2 was killed after adding its samples
-    p.add([Row(2, 0, "half-done", "junk", None, 0.5, None, False, 3, 1)] * 3)
-    p.close()
-
-    r = run_altlm("train", "--resume", str(part), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert json.loads((part / "state.json").read_text()) == {"iteration_done": 2, "finished": True}
-    cols = ("iteration", "prompt_id", "prompt", "completion", "score", "bucket", "feedback", "truncated", "dropped_at")
-    a = [tuple(r[c] for c in cols) for r in pool_rows(full)]
-    b = [tuple(r[c] for c in cols) for r in pool_rows(part)]
-    assert len(a) == 2 * 6 * 2
-    assert b == a
-    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, part))
-    assert sb["final"] == sa["final"]
-    assert sb["reference"] == sa["reference"]
 
 
 def test_reference_model_is_the_baseline(tmp_path):

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import models
+from . import models, runfolder
 from .errors import AltlmError
 from .template import Template
 
@@ -33,8 +33,27 @@ def save(model, tokenizer, folder: Path, meta: dict) -> None:
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         os.replace(folder, old)  # two renames: there is always one complete checkpoint on disk
+    runfolder.failpoint("checkpoint")
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def load_weights(model, folder: Path, lora: bool) -> None:
+    """Put a checkpoint's trained weights into a model prepared for training as the run prepares it (resume)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        else:
+            model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+            model.tie_weights()
+    except (OSError, SafetensorError, RuntimeError) as e:
+        raise AltlmError(f"--resume: checkpoint '{folder}' cannot be loaded ({str(e).splitlines()[0][:120]}); "
+                         "restore it, or start a new run folder") from None
 
 
 def read_meta(folder: Path) -> dict:
@@ -58,6 +77,7 @@ def base_model(meta: dict, tokenizer, name: str | None = None):
 
 def load(folder: Path, trainable: bool = False):
     """(model, tokenizer, meta) from a checkpoint folder."""
+    from safetensors import SafetensorError
     from transformers import AutoTokenizer
 
     folder = Path(folder)
@@ -71,7 +91,7 @@ def load(folder: Path, trainable: bool = False):
         else:
             model = models.load_model(str(folder))
             model.requires_grad_(trainable)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise AltlmError(f"checkpoint '{folder}' cannot be loaded ({str(e).splitlines()[0][:160]}); it may be corrupt — resume from an earlier run or retrain") from None
     tok.padding_side = "left"
     return model, tok, meta

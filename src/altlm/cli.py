@@ -33,11 +33,15 @@ def _train(args) -> int:
         return 0
     from .trainer import ALTTrainer
 
-    trainer = ALTTrainer(cfg, resume=bool(args.resume))
     try:
-        summary = trainer.train()
+        summary = ALTTrainer(cfg, resume=bool(args.resume)).train()
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the last completed iteration is kept. Resume with: altlm train --resume {cfg.output_dir}", file=sys.stderr)
+        # Every write is atomic or transactional, so any moment is a safe point: what was saved is kept.
+        if not (Path(cfg.output_dir) / "state.json").exists():
+            print("\ninterrupted before the run folder was created; nothing to resume", file=sys.stderr)
+        else:
+            print(f"\ninterrupted; finished sampling batches, scores and the last training snapshot are kept. "
+                  f"Resume with: altlm train --resume {cfg.output_dir}", file=sys.stderr)
         return 130
     print_summary(summary)
     return 0
@@ -80,7 +84,7 @@ def print_summary(s: dict) -> None:
 
     m = s["metric"]
     t = Table(title=f"{m} on {s['eval_prompts']} held-out prompts × {s['eval_samples_per_prompt']} samples ({s['wall_seconds']:.0f} s)")
-    for col in ("model", "feedback", f"{m} mean", f"share > 0.5", "dist-2"):
+    for col in ("model", "feedback", f"{m} mean", "share > 0.5", "dist-2"):
         t.add_column(col)
     fmt = lambda x, f: "–" if x is None else format(x, f)  # noqa: E731  (None: nothing could be scored)
     row = lambda name, fb, d: t.add_row(name, fb, fmt(d[f"{m}_mean"], ".4f"), fmt(d[f"{m}_gt_0_5"], ".4f"), fmt(d["dist_2"], ".3f"))  # noqa: E731
@@ -103,7 +107,7 @@ def print_summary(s: dict) -> None:
 def _generate(args) -> int:
     from . import checkpoint, models
     from .sampler import SampleSettings, inference_model, sample
-    from .trainer import autocast_dtype
+    from .models import autocast_dtype
     from .template import Template
 
     prompts = list(args.prompts)
@@ -149,9 +153,9 @@ def _eval(args) -> int:
     from . import checkpoint, evaluation, models
     from .config import ALTConfig, load_config, read_yaml
     from .feedback import build_scorer
+    from .models import autocast_dtype
     from .sampler import SampleSettings, inference_model
     from .template import Template
-    from .trainer import autocast_dtype
 
     t0 = time.time()
     if args.samples_per_prompt < 1 or args.steer_samples_per_prompt < 0 or args.perplexity_samples_per_prompt < 1:
@@ -186,7 +190,7 @@ def _eval(args) -> int:
              "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": cfg.max_prompt_tokens}
         out = Path(args.out) if args.out else Path("eval.json")
     settings = SampleSettings(s["temperature"], s["top_p"], s["min_new_tokens"], s["max_new_tokens"], 128, s["max_prompt_tokens"])
-    scorer = build_scorer(args.scorer or cfg.scorer)
+    scorer = build_scorer(args.scorer or cfg.scorer, cfg)
     amp = autocast_dtype("auto", model.device)
     fluency = None if args.perplexity_model == "none" else \
         evaluation.Fluency(args.perplexity_model, amp, samples_per_prompt=args.perplexity_samples_per_prompt)
@@ -286,11 +290,13 @@ def _recipes(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .feedback import SCORERS  # light: the scorers themselves load on use
+
     p = argparse.ArgumentParser(prog="altlm", description="Align language models with textual feedback (ALT).")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run all ALT iterations of a recipe")
     t.add_argument("--config", help="recipe file or shipped recipe name (default: toxicity-offline)")
-    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last completed iteration")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped (killed or interrupted, mid-phase included)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
     t.add_argument("--help-config", action="store_true", help="list every config key with its help")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. output_dir=runs/x iterations=2")
@@ -320,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--perplexity-model", default="gemma3-270m", help="scoring LM for fluency, or 'none'")
     e.add_argument("--perplexity-samples-per-prompt", type=int, default=3,
                    help="perplexity is averaged over each prompt's first N samples (the scoring LM costs more than sampling)")
-    e.add_argument("--scorer", choices=["jigsaw", "profanity", "vader"], help="default: the run's scorer (jigsaw for --model)")
+    e.add_argument("--scorer", choices=SCORERS, help="default: the run's scorer (jigsaw for --model)")
     e.add_argument("--no-reference", action="store_true", help="skip the reference model")
     e.add_argument("--seed", type=int, default=7)
     e.add_argument("--out", help="output file (default: <run>/eval.json, or ./eval.json for --model)")

@@ -260,11 +260,15 @@ def read_dataset(source: str, split: str):
             raise AltlmError(f"prompt file '{source}' does not exist; set prompts= to a .txt/.jsonl/.csv/.parquet file, a hub dataset id or 'fortunes'")
         if split != "train":
             raise AltlmError(f"prompt file '{source}' has one split, 'train'; asked for {split!r}: set prompt_split=train, and eval_split= to another file or null")
+        level = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors are logged too: one line, ours
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as e:  # noqa: BLE001 -- pyarrow/pandas parse errors have no common base; say it in one line
             cause = e.__cause__ or e
             raise AltlmError(f"prompt file '{source}' cannot be read as {path.suffix[1:]}: {str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__}") from None
+        finally:
+            datasets.logging.set_verbosity(level)
     try:
         with _hub_mode():
             return datasets.load_dataset(source, split=split)  # datasets >= 4 runs no loading scripts: no remote code

@@ -143,3 +143,30 @@ def steerability(blocks: dict[str, dict], vocabulary: list[str], metric: str, hi
     words = [w for w in (vocabulary or []) if w in blocks]
     return {**metrics.steerability([blocks[w][metric] for w in words]), "metric": metric, "feedback": words,
             "steered_sign": -1 if higher_is_better else 1}
+
+
+def summarize_run(evals: list[dict], metric: str, higher_is_better: bool, exemplar: str, words: list[str],
+                  eval_prompts: int, eval_samples_per_prompt: int, wall: float) -> dict:
+    """summary.json from a run's `kind: eval` records: the untagged reference and the reference under each
+    feedback (the priming control), the final model under the exemplar, untagged and under each feedback,
+    steerability, the exemplar metric per iteration, and the reduction against the untagged reference."""
+    ref = next(e for e in evals if e["model"] == "reference")["by_feedback"]
+    final = [e for e in evals if e["model"] == "policy"][-1]["by_feedback"]
+    words = [w for w in words if w in final]
+    keys = [f"{metric}_mean", f"{metric}_gt_0_5", f"avg_max_{metric}", f"{metric}_prob", "dist_2", "reward_mean", "perplexity"]
+    pick = lambda m: {k: m.get(k) for k in keys}  # noqa: E731
+    summary = {
+        "wall_seconds": round(wall, 1), "metric": metric, "exemplar": exemplar, "eval_prompts": eval_prompts,
+        "eval_samples_per_prompt": eval_samples_per_prompt,
+        "reference": {**pick(ref["<none>"]), "by_feedback": {w: pick(ref[w]) for w in words if w in ref}},
+        "final": {**pick(final[exemplar]), "untagged": pick(final["<none>"]) if "<none>" in final else None,
+                  "by_feedback": {w: pick(final[w]) for w in words}},
+        "steerability": steerability(final, words, f"{metric}_mean", higher_is_better),
+        "iterations": [{"iteration": e["iteration"], f"{metric}_mean": e["by_feedback"][exemplar][f"{metric}_mean"]
+                        if exemplar in e["by_feedback"] else None, "train": e.get("train")}
+                       for e in evals if e["model"] == "policy"],
+    }
+    r, f = summary["reference"], summary["final"]
+    summary["reduction"] = {k: (1 - f[k] / r[k]) if (r[k] and f[k] is not None) else None
+                            for k in (f"{metric}_mean", f"{metric}_gt_0_5")}
+    return summary

@@ -10,7 +10,6 @@ loss = mean over generated tokens of [ −log pθ(y_t | f, x, y<t) + β·KL_t �
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .template import left_pad
 

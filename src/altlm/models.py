@@ -215,3 +215,18 @@ def contiguous_lm_head(model) -> None:
     if head is not None and not getattr(head, "_altlm_contiguous", False):
         head.register_forward_pre_hook(lambda mod, args: (args[0].contiguous(), *args[1:]))
         head._altlm_contiguous = True
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """bf16 autocast where matmuls are natively fast in bf16 (CUDA; CPUs with AMX or AVX512-BF16)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else None

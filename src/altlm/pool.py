@@ -2,7 +2,11 @@
 
 One row per (prompt, completion). Flushing (`drop_factor`) never deletes: it records the iteration that retired
 a row, so a run can always be inspected (`sqlite3 runs/demo/pool.sqlite`) and an unfinished iteration can be
-rolled back exactly (`rollback`). Every write is one transaction.
+rolled back exactly (`rollback`). Every write is one transaction; `transaction()` groups several into one.
+
+Two more tables make a killed run resumable (runfolder.py): `staged` holds the current iteration's samples and
+their feedback batch by batch until the iteration's pool commit moves them into `samples`, and `progress` holds
+the run's progress record, written in the same transaction as the pool writes it describes.
 
 Draws (method.md §3):
 - `draw_uniform`: the global regime, uniform over the active pool;
@@ -11,10 +15,14 @@ Draws (method.md §3):
 """
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+from .errors import AltlmError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -36,6 +44,14 @@ CREATE TABLE IF NOT EXISTS samples (
 );
 CREATE INDEX IF NOT EXISTS samples_active ON samples(dropped_at, valid);
 CREATE INDEX IF NOT EXISTS samples_iteration ON samples(iteration);
+CREATE TABLE IF NOT EXISTS staged (
+    iteration INTEGER NOT NULL,
+    idx INTEGER NOT NULL,  -- the request's position in the iteration's request list
+    sample TEXT NOT NULL,  -- JSON: completion, truncated, token counts
+    feedback TEXT,  -- JSON: the feedback fields once scored; NULL until then
+    PRIMARY KEY (iteration, idx)
+);
+CREATE TABLE IF NOT EXISTS progress (id INTEGER PRIMARY KEY CHECK (id = 1), state TEXT NOT NULL);
 """
 
 
@@ -64,10 +80,14 @@ class Pool:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.db = sqlite3.connect(self.path, isolation_level=None)  # autocommit; we open transactions explicitly
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
-        have = {r[1] for r in self.db.execute("PRAGMA table_info(samples)")}
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+            have = {r[1] for r in self.db.execute("PRAGMA table_info(samples)")}
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise AltlmError(f"pool file '{self.path}' is not a readable SQLite pool ({e}); restore it from a backup or start a new run folder") from None
         for col, typ in (("raw", "TEXT"), ("agreement", "REAL")):  # pools written before these columns existed
             if col not in have:
                 self.db.execute(f"ALTER TABLE samples ADD COLUMN {col} {typ}")
@@ -75,10 +95,43 @@ class Pool:
     def close(self) -> None:
         self.db.close()
 
-    def _tx(self, sql: str, rows) -> None:
-        with self.db:  # noqa: SIM117 — sqlite3's context manager commits or rolls back
+    @contextmanager
+    def transaction(self):
+        """One transaction (commit on success, rollback on any exception, a kill leaves nothing); nests flat."""
+        if self.db.in_transaction:
+            yield
+            return
+        with self.db:  # sqlite3's context manager commits or rolls back
             self.db.execute("BEGIN")
+            yield
+
+    def _tx(self, sql: str, rows) -> None:
+        with self.transaction():
             self.db.executemany(sql, rows)
+
+    # ---- resumability: staged samples of the unfinished iteration, the progress record
+    def stage(self, iteration: int, items: list[tuple[int, dict]]) -> None:
+        self._tx("INSERT OR REPLACE INTO staged (iteration, idx, sample) VALUES (?, ?, ?)",
+                 [(iteration, i, json.dumps(d)) for i, d in items])
+
+    def stage_feedback(self, iteration: int, items: list[tuple[int, dict]]) -> None:
+        self._tx("UPDATE staged SET feedback = ? WHERE iteration = ? AND idx = ?",
+                 [(json.dumps(d), iteration, i) for i, d in items])
+
+    def staged(self, iteration: int) -> dict[int, tuple[dict, dict | None]]:
+        """idx → (sample, feedback or None) for what the iteration already sampled (and scored)."""
+        cur = self.db.execute("SELECT idx, sample, feedback FROM staged WHERE iteration = ?", (iteration,))
+        return {i: (json.loads(s), json.loads(f) if f is not None else None) for i, s, f in cur}
+
+    def unstage(self, iteration: int) -> None:
+        self._tx("DELETE FROM staged WHERE iteration = ?", [(iteration,)])
+
+    def progress(self) -> dict | None:
+        row = self.db.execute("SELECT state FROM progress WHERE id = 1").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_progress(self, state: dict) -> None:
+        self._tx("INSERT OR REPLACE INTO progress (id, state) VALUES (1, ?)", [(json.dumps(state),)])
 
     def add(self, rows: list[Row]) -> None:
         self._tx(f"INSERT INTO samples ({', '.join(_COLS)}) VALUES ({', '.join('?' * len(_COLS))})",
@@ -104,9 +157,8 @@ class Pool:
         return len(drop)
 
     def rollback(self, iteration: int) -> int:
-        """Undo everything iterations >= `iteration` wrote (resume redoes them from their sampling phase)."""
-        with self.db:
-            self.db.execute("BEGIN")
+        """Undo everything iterations >= `iteration` wrote to `samples` (a resume redoes their pool commit)."""
+        with self.transaction():
             self.db.execute("UPDATE samples SET dropped_at = NULL WHERE dropped_at >= ?", (iteration,))
             return self.db.execute("DELETE FROM samples WHERE iteration >= ?", (iteration,)).rowcount
 

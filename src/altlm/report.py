@@ -242,7 +242,8 @@ def sample_lines(run: dict) -> list[str]:
     final_it = max((r["iteration"] for r in run["samples"] if r["model"] != "reference"), default=None)
     if final_it is None:
         return []
-    final = [r for r in run["samples"] if r["iteration"] == final_it and r["model"] != "reference"]
+    # unscored samples (an LLM judge that failed: score null) have no place in a ranking by score
+    final = [r for r in run["samples"] if r["iteration"] == final_it and r["model"] != "reference" and r["score"] is not None]
     under_ex = sorted((r for r in final if r["feedback"] == ex), key=lambda r: r["score"])
     lines = []
     for title, rows in (("lowest-scoring", under_ex[:TABLE_ROWS]), ("highest-scoring", under_ex[::-1][:TABLE_ROWS])):

@@ -112,29 +112,59 @@ def decode(model, ids, attn, settings: SampleSettings, eos: list[int], suppress:
     return torch.stack(toks, 1)
 
 
+# torch < 2.5 only has the CUDA-specific class
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _decode_halving(model, rows: list[list[int]], settings, eos, suppress, pad_id) -> list[list[int]]:
+    """decode(), splitting the batch in two (recursively) when the accelerator runs out of memory."""
+    ids, attn, _ = left_pad(rows, pad_id)
+    try:
+        return decode(model, ids.to(model.device), attn.to(model.device), settings, eos, suppress, pad_id).tolist()
+    except OOM:
+        if len(rows) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(rows) // 2
+        print(f"warning: out of memory sampling {len(rows)} sequences at once; going on in batches of {half} and {len(rows) - half}")
+        return (_decode_halving(model, rows[:half], settings, eos, suppress, pad_id)
+                + _decode_halving(model, rows[half:], settings, eos, suppress, pad_id))
+
+
 @torch.no_grad()
 def sample(model, tokenizer, template: Template, requests: list[tuple[str | None, str]], settings: SampleSettings,
-           suppress: list[int] | None = None, seed: int | None = None, desc: str = "sampling") -> list[Sample]:
-    """requests: (feedback or None, prompt). One Sample per request, in order."""
-    if seed is not None:
-        torch.manual_seed(seed)
+           suppress: list[int] | None = None, seed: int | None = None, desc: str = "sampling",
+           done: dict[int, Sample] | None = None, on_batch=None) -> list[Sample]:
+    """requests: (feedback or None, prompt). One Sample per request, in order.
+
+    With a seed, batch b draws from torch's RNG seeded by (seed, b), so a batch can be redone on its own: a resumed
+    run passes the Samples it already has (`done`, by request index) and gets what an uninterrupted run got.
+    `on_batch` receives each newly sampled batch as [(request index, Sample)] (the trainer stages them)."""
     encoded = [template.input_ids(tokenizer, fb, p, settings.max_prompt_tokens) for fb, p in requests]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[Sample | None] = [None] * len(encoded)
+    for i, s in (done or {}).items():
+        out[i] = s
     eos = stop_ids(tokenizer)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(encoded), desc=desc, leave=False, disable=None)
-    for start in range(0, len(order), settings.batch_size):
+    for b, start in enumerate(range(0, len(order), settings.batch_size)):
         idx = order[start:start + settings.batch_size]
-        ids, attn, _ = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
-        ids, attn = ids.to(model.device), attn.to(model.device)
-        new = decode(model, ids, attn, settings, eos, suppress or [], tokenizer.pad_token_id).tolist()
+        if all(out[i] is not None for i in idx):
+            bar.update(len(idx))
+            continue
+        if seed is not None:
+            torch.manual_seed(seed * 1_000_003 + b)
+        new = _decode_halving(model, [encoded[i] for i in idx], settings, eos, suppress or [], tokenizer.pad_token_id)
         for i, toks in zip(idx, new):
             ended = next((j for j, t in enumerate(toks) if t in eos), None)
             body = toks if ended is None else toks[:ended]
             out[i] = Sample(completion=tokenizer.decode(body, skip_special_tokens=True), truncated=ended is None,
                             prompt_tokens=len(encoded[i]), completion_tokens=len(body))
+        if on_batch is not None:
+            on_batch([(i, out[i]) for i in idx])
         bar.update(len(idx))
     bar.close()
     model.train(was_training)

@@ -1,17 +1,18 @@
 """The ALT loop (method.md §1), top to bottom: sample → feedback → pool → train → evaluate, per iteration.
 
 Run folder (`output_dir`):
-  config.yaml     the resolved config            pool.sqlite   every sample and its feedback
-  metrics.jsonl   one line per step / eval       state.json    last completed iteration
+  config.yaml     the resolved config            pool.sqlite   every sample and its feedback, the progress record
+  metrics.jsonl   one line per step / eval       state.json    a copy of the progress record (runfolder.py)
   checkpoint/     save_pretrained + altlm.json   summary.json  reference vs final, per feedback
-  eval_samples.jsonl  every evaluation completion with its score
+  eval_samples.jsonl  every evaluation completion with its score      resume/  the unfinished iteration's snapshot
 
-Every iteration seeds its own RNGs from (seed, iteration), so a run resumed at an iteration boundary
-(`--resume`) replays exactly what an uninterrupted run would have done.
+A run killed at any moment resumes (`--resume`) where it stopped, redoing only unsaved work, and ends exactly as
+an uninterrupted run would have: how is runfolder.py's concern.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -23,36 +24,24 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from . import checkpoint, evaluation, metrics, models
+from . import checkpoint, evaluation, metrics, models, runfolder
 from .config import ALTConfig
 from .data import CONTINUATION_WORDS, load_prompts
 from .errors import AltlmError
-from .feedback import build_feedback
+from .feedback import Feedback, build_feedback
 from .loss import alt_loss, target_logits
 from .pool import Pool, Row
-from .sampler import SampleSettings, inference_model, sample
+from .sampler import Sample, SampleSettings, inference_model, sample
 from .template import Template
 
-
-def autocast_dtype(precision: str, device: torch.device):
-    """bf16 autocast where matmuls are natively fast in bf16 (CUDA; CPUs with AMX or AVX512-BF16)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else None
+FEEDBACK_CHUNK = 256  # samples scored (and staged) at once: a kill loses at most one chunk of judge calls
 
 
 class ALTTrainer:
     def __init__(self, cfg: ALTConfig, resume: bool = False):
         self.cfg, self.run = cfg, Path(cfg.output_dir)
-        self.start_iteration = self._check_run_folder(resume)  # read-only: bad input below leaves no folder behind
+        # Read-only until _open_run_folder: bad input (config, files, models, a corrupt run) leaves the folder as it was.
+        self.progress = runfolder.check(self.run, cfg.to_dict(), resume)
         self.tracker = self._tracker()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -80,14 +69,20 @@ class ALTTrainer:
                     layers=cfg.lora_layers, train_new_tokens=cfg.template == "quark")
         self.model = models.prepare_for_training(base, cfg.training_mode, cfg.top_fraction, lora, self.added_ids)
         models.contiguous_lm_head(self.model)
-        if self.start_iteration > 1:
-            self._load_weights(self.run / "checkpoint")
+        context = getattr(base.config, "max_position_embeddings", None)
+        if context and cfg.max_prompt_tokens + cfg.max_new_tokens + 16 > context:
+            raise AltlmError(f"config keys max_prompt_tokens + max_new_tokens = {cfg.max_prompt_tokens + cfg.max_new_tokens} exceed "
+                             f"{cfg.model}'s context of {context} tokens (with room for the feedback); lower them")
+        if resume:
+            runfolder.recover_checkpoint(self.run / "checkpoint")
+        if self.progress.iteration_done:
+            checkpoint.load_weights(self.model, self.run / "checkpoint", cfg.training_mode == "lora")
+        if self.progress.step:  # eval phase: the trained weights; train phase: checked here, loaded with the optimiser
+            runfolder.load_snapshot(self.run, self.progress.step, self.model, None)
         self.device = next(self.model.parameters()).device
-        self.amp = autocast_dtype(cfg.precision, self.device)
+        self.amp = models.autocast_dtype(cfg.precision, self.device)
         self.fluency = evaluation.Fluency(cfg.perplexity_model, self.amp) if cfg.perplexity_model else None
-        self._open_run_folder()
-        self.pool = Pool(self.run / "pool.sqlite")
-        self.pool.rollback(self.start_iteration)  # drop rows of an iteration that was killed half-way
+        self._open_run_folder(resume)
         self.global_step = sum(1 for line in open(self.run / "metrics.jsonl") if '"kind": "step"' in line) \
             if (self.run / "metrics.jsonl").exists() else 0
         self.train_settings = SampleSettings(cfg.temperature, cfg.top_p, cfg.min_new_tokens, cfg.max_new_tokens,
@@ -96,47 +91,30 @@ class ALTTrainer:
                                             cfg.sample_batch_size, cfg.max_prompt_tokens)
 
     # ------------------------------------------------------------------ run folder
-    def _check_run_folder(self, resume: bool) -> int:
-        """The iteration to start at; refuses a folder that holds another run, or a resume that cannot match."""
-        state_path, cfg_path = self.run / "state.json", self.run / "config.yaml"
+    def _open_run_folder(self, resume: bool) -> None:
+        """Fresh run: create the folder, the pool and its progress record, config.yaml, state.json (last: its
+        presence marks a run). Resume: cut the logs back to the progress record; undo any uncommitted pool rows."""
         if not resume:
-            if state_path.exists():
-                raise AltlmError(f"run folder '{self.run}' already holds a run; pass --resume {self.run} to continue it, or set output_dir= to a new folder")
-            return 1
-        if not state_path.exists() or not cfg_path.exists():
-            raise AltlmError(f"--resume: '{self.run}' is not an altlm run folder (no state.json/config.yaml); start it without --resume")
-        try:
-            old = yaml.safe_load(cfg_path.read_text())
-            state = json.loads(state_path.read_text())
-        except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError):
-            raise AltlmError(f"--resume: '{self.run}' has a corrupt config.yaml or state.json; start a new run folder") from None
-        saved = self.cfg.to_dict()
-        diff = sorted(k for k in saved if k != "output_dir" and old.get(k) != saved[k])
-        if diff:
-            raise AltlmError(f"--resume: '{self.run}' was made with a different config (keys differ: {', '.join(diff)}); resume with the same config or pick another output_dir")
-        if state.get("finished"):
-            raise AltlmError(f"--resume: '{self.run}' already finished all {self.cfg.iterations} iterations; see summary.json")
-        return int(state.get("iteration_done", 0)) + 1
+            self.run.mkdir(parents=True, exist_ok=True)
+            self.pool = Pool(self.run / "pool.sqlite")
+            self.pool.rollback(0)  # a fresh start in a folder a failed start left behind
+            self.save_progress()
+            tmp = self.run / "config.yaml.tmp"
+            tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False, allow_unicode=True))
+            os.replace(tmp, self.run / "config.yaml")
+        else:
+            runfolder.cut_logs(self.run, self.progress.files)
+            self.pool = Pool(self.run / "pool.sqlite")
+            committed = self.progress.iteration_done + (self.progress.phase in ("train", "eval"))
+            self.pool.rollback(committed + 1)
+        evaluation.write_json(self.run / "state.json", self.progress.to_dict())
 
-    def _open_run_folder(self) -> None:
-        """Fresh run: write config.yaml and state.json. Resume: drop log lines of the unfinished iteration."""
-        if self.start_iteration > 1 or (self.run / "state.json").exists():
-            first = self.start_iteration if self.start_iteration > 1 else 0  # iteration 1 redoes the reference eval
-            for name in ("metrics.jsonl", "eval_samples.jsonl"):
-                path = self.run / name
-                if path.exists():
-                    keep = [line for line in path.read_text().splitlines(keepends=True)
-                            if json.loads(line)["iteration"] < first]
-                    tmp = path.with_suffix(".tmp")
-                    tmp.write_text("".join(keep))
-                    os.replace(tmp, path)
-            return
-        self.run.mkdir(parents=True, exist_ok=True)
-        cfg_path = self.run / "config.yaml"
-        tmp = cfg_path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False, allow_unicode=True))
-        os.replace(tmp, cfg_path)
-        evaluation.write_json(self.run / "state.json", {"iteration_done": 0, "finished": False})
+    def save_progress(self, **changes) -> None:
+        """Advance the progress record (inside the caller's pool transaction, if any) and copy it to state.json."""
+        self.progress = dataclasses.replace(self.progress, **changes, files=runfolder.log_sizes(self.run))
+        self.pool.set_progress(self.progress.to_dict())
+        if (self.run / "state.json").exists():
+            evaluation.write_json(self.run / "state.json", self.progress.to_dict())
 
     def _tracker(self):
         """accelerate's trackers (TensorBoard, W&B) when `report_to` asks for them; checked before any work."""
@@ -157,18 +135,6 @@ class ALTTrainer:
         if self.tracker is not None:
             self.tracker.log({k: v for k, v in values.items() if isinstance(v, (int, float)) and v == v}, step=step)
 
-    def _load_weights(self, folder: Path) -> None:
-        if self.cfg.training_mode == "lora":
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(self.model, load_file(folder / "adapter_model.safetensors"))
-        else:
-            from safetensors.torch import load_file
-
-            self.model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
-            self.model.tie_weights()
-
     def _meta(self, iteration: int) -> dict:
         c = self.cfg
         return {"model": c.model, "seed": c.seed, "training_mode": c.training_mode, "template": self.template.to_dict(),
@@ -181,15 +147,15 @@ class ALTTrainer:
     def train(self) -> dict:
         cfg, t0 = self.cfg, time.time()
         words = self.eval_words()
-        if self.start_iteration == 1:
+        if self.progress.phase == "reference":
             # Iteration 0: the reference, untagged and under every feedback string (the priming control).
             self.evaluate(0, [None] + (words if cfg.eval_all_feedback else []), label="reference",
                           model=self.ref_model or self.model)
+            self.save_progress(phase="sample")
         if cfg.seed_pool and self.pool.count("iteration = 0") == 0:
             self.seed_pool()
-        for it in range(self.start_iteration, cfg.iterations + 1):
+        for it in range(self.progress.iteration_done + 1, cfg.iterations + 1):
             rng = random.Random(cfg.seed * 100_003 + it)
-            torch.manual_seed(cfg.seed * 100_003 + it)
 
             # 1. Sample: the reference unconditioned first, then the policy under the exemplar feedback.
             exemplars = [] if (it == 1 or not cfg.use_feedback) else self.exemplars()
@@ -197,64 +163,94 @@ class ALTTrainer:
             requests = [(pid, self.prompts.train[pid]) for pid in prompt_ids for _ in range(cfg.samples_per_prompt)]
             # LMU spreads its several exemplar sentences over the prompts; RM/LMC have one exemplar.
             conditioned = [(rng.choice(exemplars) if exemplars else None, p) for _, p in requests]
-            # (Without a separate reference_model, the untrained policy *is* the reference at iteration 1.)
-            sampler_model = self.ref_model if (it == 1 and self.ref_model is not None) else self.model
-            samples = sample(inference_model(sampler_model, self.amp), self.tokenizer, self.template,
-                             conditioned, self.train_settings, self.added_ids, desc=f"iter {it} sampling")
+            if self.progress.phase == "sample":
+                # (Without a separate reference_model, the untrained policy *is* the reference at iteration 1.)
+                sampler_model = self.ref_model if (it == 1 and self.ref_model is not None) else self.model
+                staged = self.pool.staged(it)  # what a killed attempt at this iteration already sampled and scored
+                samples = sample(inference_model(sampler_model, self.amp), self.tokenizer, self.template, conditioned,
+                                 self.train_settings, self.added_ids, seed=cfg.seed * 100_003 + it, desc=f"iter {it} sampling",
+                                 done={i: Sample(**s) for i, (s, _) in staged.items()}, on_batch=lambda b: self._stage(it, b))
 
-            # 2. Feedback: RM gives a score per sample (its words come from the pool's quantiles, step 3);
-            #    an LLM judge gives the words itself. Samples it could not judge are kept, marked invalid.
-            judge_before = self.feedback.judge.stats.as_dict() if hasattr(self.feedback, "judge") else None
-            fbs = self.feedback([p for _, p in requests], [s.completion for s in samples])
+                # 2. Feedback: RM gives a score per sample (its words come from the pool's quantiles, step 3);
+                #    an LLM judge gives the words itself. Samples it could not judge are kept, marked invalid.
+                judge_before = self.feedback.judge.stats.as_dict() if hasattr(self.feedback, "judge") else None
+                fbs = self.score_staged(it, requests, samples, {i: Feedback(**f) for i, (_, f) in staged.items() if f})
 
-            # 3. Pool: flush (per drop_factor), add, re-cut quantiles over the active pool.
-            self.pool.flush(cfg.drop_factor, rng, it)
-            self.pool.add([Row(it, pid, p, s.completion, f.text, f.score, f.bucket, s.truncated, s.prompt_tokens,
-                               s.completion_tokens, f.valid, f.raw, f.agreement)
-                           for (pid, p), s, f in zip(requests, samples, fbs)])
-            active = self.pool.rows()
-            if self.feedback.relative:
-                buckets, texts = self.feedback.rebucket([r.score for r in active], [r.prompt_id for r in active])
-                self.pool.set_feedback([r.id for r in active], buckets, texts)
-            else:
-                buckets = [r.bucket for r in active]
-            new_buckets = [b for r, b in zip(active, buckets) if r.iteration == it]
-            agreements = [f.agreement for f in fbs if f.agreement is not None]
-            pool_record = {"pool_size": len(active), "sample_score_mean": metrics.mean([f.score for f in fbs if f.score is not None]),
-                           "bucket_counts": [buckets.count(b) for b in range(self.n_buckets)],
-                           "new_bucket_distribution": metrics.bucket_distribution(new_buckets, self.n_buckets),
-                           "invalid": sum(not f.valid for f in fbs), "agreement_mean": metrics.mean(agreements) if agreements else None}
-            if judge_before is not None:
-                pool_record["judge"] = self.feedback.judge.stats.minus(judge_before)
-            evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "iteration", "iteration": it, **pool_record}])
-            self.track(it, {"pool/score_mean": pool_record["sample_score_mean"], "pool/size": len(active),
-                            "pool/invalid": pool_record["invalid"]})
+                # 3. Pool, in one transaction with the progress record: flush (per drop_factor), add, re-cut quantiles.
+                with self.pool.transaction():
+                    self.pool.flush(cfg.drop_factor, rng, it)
+                    self.pool.add([Row(it, pid, p, s.completion, f.text, f.score, f.bucket, s.truncated, s.prompt_tokens,
+                                       s.completion_tokens, f.valid, f.raw, f.agreement)
+                                   for (pid, p), s, f in zip(requests, samples, fbs)])
+                    active = self.pool.rows()
+                    if self.feedback.relative:
+                        buckets, texts = self.feedback.rebucket([r.score for r in active], [r.prompt_id for r in active])
+                        self.pool.set_feedback([r.id for r in active], buckets, texts)
+                    else:
+                        buckets = [r.bucket for r in active]
+                    self.pool.unstage(it)
+                    new_buckets = [b for r, b in zip(active, buckets) if r.iteration == it]
+                    agreements = [f.agreement for f in fbs if f.agreement is not None]
+                    record = {"pool_size": len(active), "sample_score_mean": metrics.mean([f.score for f in fbs if f.score is not None]),
+                              "bucket_counts": [buckets.count(b) for b in range(self.n_buckets)],
+                              "new_bucket_distribution": metrics.bucket_distribution(new_buckets, self.n_buckets),
+                              "invalid": sum(not f.valid for f in fbs), "agreement_mean": metrics.mean(agreements) if agreements else None}
+                    if judge_before is not None:
+                        record["judge"] = self.feedback.judge.stats.minus(judge_before)
+                    evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "iteration", "iteration": it, **record}])
+                    self.save_progress(phase="train", step=0, record=record)
+                self.track(it, {"pool/score_mean": record["sample_score_mean"], "pool/size": record["pool_size"],
+                                "pool/invalid": record["invalid"]})
 
-            # 4. Train on feedback + prompt → completion, drawn from the pool.
-            train_stats = self.train_phase(it, rng)
+            # 4. Train on feedback + prompt → completion, drawn from the pool; its end state is snapshotted.
+            if self.progress.phase == "train":
+                train_stats = self.train_phase(it)
+                self.save_progress(phase="eval", step=train_stats["steps"], record={**self.progress.record, "train": train_stats})
+                runfolder.prune_snapshots(self.run, keep=train_stats["steps"])
 
             # 5. Evaluate on held-out prompts; at the end under every feedback string.
+            checkpoint.save(self.model, self.tokenizer, self.run / "checkpoint", self._meta(it))
             last = it == cfg.iterations
             if last or it % cfg.eval_every == 0:
                 if last:
                     words = self.eval_words()  # LMU: the sentences come from the pool, which has grown
                 conditions = ([None] + words) if (last and cfg.eval_all_feedback) else (self.exemplars()[:1] or [None])
-                self.evaluate(it, conditions, label="policy", extra={"train": train_stats, **pool_record})
-            checkpoint.save(self.model, self.tokenizer, self.run / "checkpoint", self._meta(it))
-            evaluation.write_json(self.run / "state.json", {"iteration_done": it, "finished": last})
+                self.evaluate(it, conditions, label="policy", extra=self.progress.record)
+            if last:
+                evaluation.write_json(self.run / "summary.json", self.summarize(time.time() - t0))
+                if cfg.report:
+                    from .report import write_report
 
-        summary = self.summarize(time.time() - t0)
-        evaluation.write_json(self.run / "summary.json", summary)
+                    write_report([self.run], self.run)
+            self.save_progress(iteration_done=it, phase="sample", step=0, record={}, finished=last)
+            runfolder.prune_snapshots(self.run, keep=None)
+
         self.pool.close()
         if hasattr(self.feedback, "judge"):
             self.feedback.judge.close()
         if self.tracker is not None:
             self.tracker.end_training()
-        if cfg.report:
-            from .report import write_report
+        return json.loads((self.run / "summary.json").read_text())
 
-            write_report([self.run], self.run)
-        return summary
+    def _stage(self, it: int, batch: list[tuple[int, Sample]]) -> None:
+        self.pool.stage(it, [(i, dataclasses.asdict(s)) for i, s in batch])
+        runfolder.failpoint("sample")
+
+    def score_staged(self, it: int, requests, samples: list[Sample], done: dict[int, Feedback]) -> list[Feedback]:
+        """Feedback for every sample, FEEDBACK_CHUNK at a time, each chunk staged in the pool as it arrives; chunks
+        a killed attempt already scored (`done`) are kept. Fixed chunk boundaries keep the scorer's batches as
+        they were, so the scores are too."""
+        out = [done.get(i) for i in range(len(samples))]
+        for start in range(0, len(samples), FEEDBACK_CHUNK):
+            idx = [i for i in range(start, min(start + FEEDBACK_CHUNK, len(samples))) if out[i] is None]
+            if not idx:
+                continue
+            fbs = self.feedback([requests[i][1] for i in idx], [samples[i].completion for i in idx])
+            self.pool.stage_feedback(it, [(i, dataclasses.asdict(f)) for i, f in zip(idx, fbs)])
+            runfolder.failpoint("feedback")
+            for i, f in zip(idx, fbs):
+                out[i] = f
+        return out  # type: ignore[return-value]
 
     def exemplars(self) -> list[str]:
         """What the policy is sampled and evaluated under: the exemplar feedback (RM, LMC), or for LMU the
@@ -296,12 +292,15 @@ class ALTTrainer:
                            len(self.template.input_ids(tok, None, p)), len(tok(c, add_special_tokens=False).input_ids), f.valid)
                        for pid, p, c, f in zip(pids, prompts, texts, fbs)])
 
-    def train_phase(self, it: int, rng: random.Random) -> dict:
-        cfg = self.cfg
+    def train_phase(self, it: int) -> dict:
+        """Optimiser steps on rows drawn from the pool; from `progress.step` on when resuming (its snapshot)."""
+        cfg, start = self.cfg, self.progress.step
+        rng = random.Random(f"{cfg.seed}/{it}/train")  # its own stream: the draw is the same after a resume
+        torch.manual_seed(cfg.seed * 100_003 + it)
         if cfg.quantiles == "global":
             rows = self.pool.draw_uniform(cfg.train_steps * cfg.batch_size, rng)
         else:
-            rows = self.pool.draw_balanced(cfg.per_bucket, len(cfg.feedback_words), rng)
+            rows = self.pool.draw_balanced(cfg.per_bucket, self.n_buckets, rng)
             # Shuffle prompts, not rows: a prompt's samples under their different feedback stay in one batch
             # (contrastive batches), so each step sees what the feedback changes with the prompt held fixed.
             groups: dict[int, list[Row]] = {}
@@ -314,13 +313,18 @@ class ALTTrainer:
                 rows = rows[:cfg.train_steps * cfg.batch_size]
         steps = math.ceil(len(rows) / cfg.batch_size)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        # Re-created each iteration (as the paper's TL;DR/HH runs): resume needs no optimiser state.
+        # Re-created each iteration (as the paper's TL;DR/HH runs).
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        totals, t0 = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0}, time.time()
+        if start:
+            totals = runfolder.load_snapshot(self.run, start, self.model, opt)["totals"]
         warm = max(1, round(steps * cfg.warmup_ratio))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+        # last_epoch: the schedule goes on at the resumed step (the snapshot's param groups hold initial_lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))),
+                                                  last_epoch=start - 1)
         self.model.train()
-        tok, totals, t0 = self.tokenizer, {"loss": 0.0, "nll": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0}, time.time()
-        for step in tqdm(range(steps), desc=f"iter {it} training", leave=False, disable=None):
+        tok, bad = self.tokenizer, 0
+        for step in tqdm(range(start, steps), desc=f"iter {it} training", leave=False, disable=None):
             batch = rows[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             inputs = [self.template.input_ids(tok, r.feedback if cfg.use_feedback else None, r.prompt, cfg.max_prompt_tokens)
                       for r in batch]
@@ -334,9 +338,13 @@ class ALTTrainer:
                     ref_logits = self.reference_logits(ref_inputs, targets)
             loss, stats = alt_loss(logits, tgt, mask, ref_logits, cfg.kl_coef, cfg.entropy_coef, cfg.kl_direction, self.vocab_size)
             if not torch.isfinite(loss):
+                bad += 1
                 print(f"warning: iteration {it} step {step}: non-finite loss, batch skipped")
-                opt.zero_grad(set_to_none=True)
+                if bad >= cfg.max_nonfinite_steps:
+                    raise AltlmError(f"training diverged: {bad} non-finite losses in a row (iteration {it}, step {step}); "
+                                     "lower learning_rate or set precision=fp32, and start a new run folder")
                 continue
+            bad = 0
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
@@ -349,6 +357,12 @@ class ALTTrainer:
             evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "step", "iteration": it, "step": step, **record}])
             self.track(self.global_step, {f"train/{k}": v for k, v in record.items()})
             self.global_step += 1
+            runfolder.failpoint("train")
+            if step + 1 == steps or (cfg.save_steps and (step + 1) % cfg.save_steps == 0):
+                runfolder.save_snapshot(self.run, step + 1, self.model, opt, {"totals": totals})
+                if step + 1 < steps:  # the last one is recorded with the phase's end (train())
+                    self.save_progress(step=step + 1)
+                    runfolder.prune_snapshots(self.run, keep=step + 1)
         n = max(totals["tokens"], 1)
         return {"steps": steps, "examples": len(rows), "seconds": round(time.time() - t0, 2),
                 **{k: totals[k] / n for k in ("loss", "nll", "kl", "entropy")}, "tokens": totals["tokens"]}
@@ -368,30 +382,14 @@ class ALTTrainer:
             [evaluation.Condition(fb, cfg.eval_samples_per_prompt) for fb in conditions], self.eval_settings,
             self.scorer, self.added_ids, cfg.seed + 7, label, self.fluency)
         evaluation.append_jsonl(self.run / "eval_samples.jsonl", [{"iteration": it, **r} for r in records])
+        runfolder.failpoint("eval")
         record = {"kind": "eval", "iteration": it, "model": label, "by_feedback": blocks, **(extra or {})}
         evaluation.append_jsonl(self.run / "metrics.jsonl", [record])
         self.track(it, {f"eval/{label}/{k}/{m}": v for k, b in blocks.items() for m, v in b.items()})
         return record
 
     def summarize(self, wall: float) -> dict:
-        cfg, name = self.cfg, self.scorer.name
         evals = [json.loads(line) for line in open(self.run / "metrics.jsonl") if '"kind": "eval"' in line]
-        ref = next(e for e in evals if e["model"] == "reference")["by_feedback"]
-        final = [e for e in evals if e["model"] == "policy"][-1]["by_feedback"]
-        words = [w for w in (self.feedback.vocabulary or self.eval_words()) if w in final]
-        keys = [f"{name}_mean", f"{name}_gt_0_5", f"avg_max_{name}", f"{name}_prob", "dist_2", "reward_mean", "perplexity"]
-        pick = lambda m: {k: m.get(k) for k in keys}  # noqa: E731
-        ex = (self.exemplars() or ["<none>"])[0]
-        summary = {
-            "wall_seconds": round(wall, 1), "metric": name, "exemplar": ex, "eval_prompts": len(self.prompts.eval),
-            "eval_samples_per_prompt": cfg.eval_samples_per_prompt,
-            "reference": {**pick(ref["<none>"]), "by_feedback": {w: pick(ref[w]) for w in words if w in ref}},
-            "final": {**pick(final[ex]), "untagged": pick(final["<none>"]) if "<none>" in final else None,
-                      "by_feedback": {w: pick(final[w]) for w in words}},
-            "steerability": evaluation.steerability(final, words, f"{name}_mean", self.scorer.higher_is_better),
-            "iterations": [{"iteration": e["iteration"], f"{name}_mean": e["by_feedback"][ex][f"{name}_mean"] if ex in e["by_feedback"] else None,
-                            "train": e.get("train")} for e in evals if e["model"] == "policy"],
-        }
-        r, f = summary["reference"], summary["final"]
-        summary["reduction"] = {k: (1 - f[k] / r[k]) if (r[k] and f[k] is not None) else None for k in (f"{name}_mean", f"{name}_gt_0_5")}
-        return summary
+        return evaluation.summarize_run(evals, self.scorer.name, self.scorer.higher_is_better, (self.exemplars() or ["<none>"])[0],
+                                        self.feedback.vocabulary or self.eval_words(), len(self.prompts.eval),
+                                        self.cfg.eval_samples_per_prompt, wall)
