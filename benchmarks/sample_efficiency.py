@@ -37,7 +37,7 @@ SENTIMENT_WORDS = ["Very Positive", "Positive", "Neutral", "Negative", "Very Neg
 @dataclasses.dataclass
 class Sizes:
     model: str = "smollm2-135m"
-    budgets: tuple[int, ...] = (256, 512, 768)  # every method is evaluated here
+    budgets: tuple[int, ...] = (256, 512)  # every method is evaluated here
     alt_round: int = 128                        # ALT/Quark/SFT/best-of-n samples per round (ALT: per iteration)
     samples_per_prompt: int = 2                 # ALT/Quark/SFT: completions per prompt; RLOO's k
     best_of: int = 4                            # best-of-n: n
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default=None, help="comma list of toxicity,sentiment (default: both; --quick: toxicity)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {','.join(METHODS)}")
     ap.add_argument("--budgets", default=None, help="comma list of sample budgets (multiples of the round sizes)")
-    ap.add_argument("--sentiment-budgets", default="256,512", help="budgets for the second task (smaller: the hour)")
+    ap.add_argument("--sentiment-budgets", default="256", help="budgets for the second task (smaller: the hour)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--eval-prompts", type=int, default=None)
     ap.add_argument("--perplexity-model", default=None, help="scoring LM for fluency ('none' skips it)")
@@ -236,18 +236,22 @@ def main(argv: list[str] | None = None) -> int:
             for task in tasks:
                 sizes = s if (task == "toxicity" or a.quick) else dataclasses.replace(s, budgets=sent_budgets)
                 results.append(run_task(task, sizes, methods, work, a.threads))
+                write_outputs(out, results, s, t0, argv, sent_budgets)  # after each task: a long run keeps what it has
     except AltlmError as e:
         print(f"sample_efficiency: {e}", file=sys.stderr)
         return 2
+    print((out / "sample_efficiency.md").read_text())
+    return 0
+
+
+def write_outputs(out: Path, results: list[dict], s: Sizes, t0: float, argv, sent_budgets) -> None:
     meta = {"command": "python benchmarks/sample_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "when": time.strftime("%Y-%m-%d"), "wall_seconds": round(time.time() - t0, 1),
-            "machine": f"{os.cpu_count()} CPU cores", "sizes": dataclasses.asdict(s)}
+            "machine": f"{os.cpu_count()} CPU cores", "sizes": dataclasses.asdict(s), "sentiment_budgets": list(sent_budgets)}
     data = {**results[0], "meta": meta, "other_tasks": {r["task"]: r for r in results[1:]}}
     write_atomic(out / "sample_efficiency.json", json.dumps(clean(data), indent=2))
     write_atomic(out / "sample_efficiency.md", markdown(results, meta))
     plot(results, out / "sample_efficiency.png")
-    print(markdown(results, meta))
-    return 0
 
 
 if __name__ == "__main__":
