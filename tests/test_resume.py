@@ -119,7 +119,7 @@ def test_sigkill_at_a_random_moment_from_outside(uninterrupted):
     args = ["train", "--config", "smoke", f"output_dir={run}", "training_mode=full", *CRASH]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     for attempt in range(12):
-        cmd = args if attempt == 0 else ["train", "--resume", str(run)]
+        cmd = args + ["--resume", str(run)]  # the same command each time: starts the run if a kill came before it existed
         p = subprocess.Popen([sys.executable, "-m", "altlm", *cmd], cwd=base, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
@@ -128,7 +128,9 @@ def test_sigkill_at_a_random_moment_from_outside(uninterrupted):
             p.kill()
             p.wait()
             continue
-        assert p.returncode == 0, p.stderr.read()[-3000:]
+        err = p.stderr.read()
+        # (a kill that lands after the run's last commit leaves a finished run: resuming it is refused, rightly)
+        assert p.returncode == 0 or (p.returncode == 2 and "already finished" in err), err[-3000:]
         break
     else:
         pytest.fail("the run never finished in 12 attempts")

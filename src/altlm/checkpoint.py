@@ -19,6 +19,15 @@ from .template import Template
 META = "altlm.json"
 
 
+def run_meta(cfg, template: Template, exemplar: str, vocab_size: int, iteration: int) -> dict:
+    """altlm.json of a training run's checkpoint."""
+    return {"model": cfg.model, "seed": cfg.seed, "training_mode": cfg.training_mode, "template": template.to_dict(),
+            "feedback_words": cfg.feedback_words, "exemplar": exemplar, "vocab_size": vocab_size, "iteration": iteration,
+            "scorer": cfg.scorer,
+            "sampling": {"temperature": cfg.eval_temperature, "top_p": cfg.eval_top_p, "min_new_tokens": cfg.min_new_tokens,
+                         "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": cfg.max_prompt_tokens}}
+
+
 def save(model, tokenizer, folder: Path, meta: dict) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))

@@ -17,7 +17,12 @@ def _train(args) -> int:
     if args.help_config:
         print(C.help_text())
         return 0
-    if args.resume:
+    resume = bool(args.resume)
+    if args.resume and args.config:
+        # The same command again plus --resume: go on if the run exists, else start it (killed before it began).
+        cfg = C.load_config(args.config, args.overrides + [f"output_dir={args.resume}"])
+        resume = (Path(args.resume) / "state.json").exists()
+    elif args.resume:
         cfg_file = Path(args.resume) / "config.yaml"
         if not cfg_file.exists():
             raise AltlmError(f"--resume: '{args.resume}' has no config.yaml; it is not an altlm run folder")
@@ -34,7 +39,7 @@ def _train(args) -> int:
     from .trainer import ALTTrainer
 
     try:
-        summary = ALTTrainer(cfg, resume=bool(args.resume)).train()
+        summary = ALTTrainer(cfg, resume=resume).train()
     except KeyboardInterrupt:
         # Every write is atomic or transactional, so any moment is a safe point: what was saved is kept.
         if not (Path(cfg.output_dir) / "state.json").exists():
@@ -296,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run all ALT iterations of a recipe")
     t.add_argument("--config", help="recipe file or shipped recipe name (default: toxicity-offline)")
-    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped (killed or interrupted, mid-phase included)")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped (killed or interrupted, mid-phase included); with --config: the same command again, which starts the run if DIR holds none yet")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
     t.add_argument("--help-config", action="store_true", help="list every config key with its help")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. output_dir=runs/x iterations=2")

@@ -20,7 +20,8 @@ def target_logits(model, inputs: list[list[int]], targets: list[list[int]], pad_
     LM head (`logits_to_keep`): prompt and feedback positions never pay for the vocabulary projection."""
     seqs = [i + t for i, t in zip(inputs, targets)]
     ids, attn, pos = left_pad(seqs, pad_id)
-    ids, attn, pos = ids.to(model.device), attn.to(model.device), pos.to(model.device)
+    dev = next(model.parameters()).device  # (a DDP wrapper has no .device)
+    ids, attn, pos = ids.to(dev), attn.to(dev), pos.to(dev)
     m = max(len(t) for t in targets)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
                    logits_to_keep=m + 1).logits[:, :-1]
@@ -45,8 +46,9 @@ def mean_logprobs(model, inputs: list[list[int]], targets: list[list[int]], pad_
 
 def alt_loss(policy_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
              ref_logits: torch.Tensor | None = None, kl_coef: float = 0.05, entropy_coef: float = 0.06,
-             kl_direction: str = "ref_policy", vocab_size: int | None = None):
-    """Returns (loss, stats) with stats = token-level means of nll, kl, entropy (floats)."""
+             kl_direction: str = "ref_policy", vocab_size: int | None = None, denominator: float | None = None):
+    """Returns (loss, stats) with stats = token-level means of nll, kl, entropy (floats). The loss is the token
+    mean, or the token sum / `denominator` (distributed: every process divides by the same global count)."""
     lp_all = policy_logits[mask].float()  # [N, V]: completion positions only
     n = lp_all.shape[0]
     if n == 0:
@@ -67,4 +69,4 @@ def alt_loss(policy_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
             kl = (p * (logp - ref_logp)).sum(-1)
         loss_tok = loss_tok + kl_coef * kl
     stats = {"nll": nll.mean().item(), "kl": kl.mean().item(), "entropy": entropy.mean().item(), "tokens": n}
-    return loss_tok.mean(), stats
+    return (loss_tok.mean() if denominator is None else loss_tok.sum() / denominator), stats

@@ -230,3 +230,11 @@ def autocast_dtype(precision: str, device: torch.device):
     except OSError:
         return None
     return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else None
+
+
+def check_context(model, name: str, tokens: int) -> None:
+    """Prompt + completion (+ room for the feedback) must fit the model's positions."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and tokens + 16 > context:
+        raise AltlmError(f"config keys max_prompt_tokens + max_new_tokens = {tokens} exceed {name}'s context of {context} "
+                         "tokens (with room for the feedback); lower them")

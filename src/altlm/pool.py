@@ -162,6 +162,18 @@ class Pool:
             self.db.execute("UPDATE samples SET dropped_at = NULL WHERE dropped_at >= ?", (iteration,))
             return self.db.execute("DELETE FROM samples WHERE iteration >= ?", (iteration,)).rowcount
 
+    def common_feedback(self, best: bool) -> list[str]:
+        """The feedback texts of the best (or worst) bucket among active rows, most frequent first (LMU exemplars)."""
+        rows = [r for r in self.rows() if r.feedback is not None and r.bucket is not None]
+        if not rows:
+            return []
+        target = min(r.bucket for r in rows) if best else max(r.bucket for r in rows)
+        counts: dict[str, int] = {}
+        for r in rows:
+            if r.bucket == target:
+                counts[r.feedback] = counts.get(r.feedback, 0) + 1
+        return sorted(counts, key=lambda t: -counts[t])
+
     def draw_uniform(self, n: int, rng: random.Random) -> list[Row]:
         """Global regime: n rows uniformly from the active, valid pool (with replacement only if n > pool)."""
         rows = self.rows()

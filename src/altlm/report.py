@@ -1,4 +1,5 @@
-"""The run report: `report.md` with PNG plots, from what a run folder already holds (nothing is re-run).
+"""The run report: `report.md` with PNG plots, from what a run folder already holds (nothing is re-run); and the
+live view of a run in TensorBoard / W&B (`open_trackers`).
 
 Reads metrics.jsonl (per-iteration evaluations, pool records, training steps), summary.json, eval.json (from
 `altlm eval`, if present), pool.sqlite (scores and buckets) and eval_samples.jsonl (sample tables). With several
@@ -17,6 +18,21 @@ from .errors import AltlmError
 
 # Samples shown in the best/worst tables; enough to see a pattern, few enough to read.
 TABLE_ROWS = 5
+
+
+def open_trackers(report_to: str, run: Path, config: dict):
+    """accelerate's trackers (TensorBoard, W&B) when `report_to` asks for them, else None; checked before any work."""
+    if report_to == "none":
+        return None
+    from accelerate import Accelerator
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    for name, ok, pkg in (("tensorboard", is_tensorboard_available, "tensorboardX"), ("wandb", is_wandb_available, "wandb")):
+        if report_to in (name, "all") and not ok():
+            raise AltlmError(f"report_to={report_to} needs the {name} logger; pip install {pkg} (or set report_to=none)")
+    acc = Accelerator(log_with=report_to, project_dir=str(run / "trackers"))  # logs from the main process only
+    acc.init_trackers(run.name or "altlm", config={k: str(v) for k, v in config.items()})
+    return acc
 
 
 def read_run(folder: Path) -> dict:

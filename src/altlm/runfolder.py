@@ -84,6 +84,35 @@ def check(run: Path, cfg: dict, resume: bool) -> Progress:
     return progress
 
 
+def open_run(run: Path, config: dict, progress: Progress, resume: bool):
+    """The run's Pool, ready to go on (main process). Fresh run: create the folder, the pool with its progress
+    record, config.yaml, and state.json last (its presence marks a run). Resume: cut the logs back to the
+    progress record and undo pool rows of an iteration whose commit the record does not include."""
+    from .pool import Pool
+
+    if not resume:
+        run.mkdir(parents=True, exist_ok=True)
+        pool = Pool(run / "pool.sqlite")
+        pool.rollback(0)  # a fresh start in a folder that a failed start left behind
+        pool.set_progress(progress.to_dict())
+        tmp = run / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        os.replace(tmp, run / "config.yaml")
+    else:
+        cut_logs(run, progress.files)
+        pool = Pool(run / "pool.sqlite")
+        pool.rollback(progress.iteration_done + (progress.phase in ("train", "eval")) + 1)
+    write_state(run, progress)
+    return pool
+
+
+def write_state(run: Path, progress: Progress) -> None:
+    """state.json: the progress record for people and scripts (pool.sqlite's copy is the one resume trusts)."""
+    tmp = run / "state.json.tmp"
+    tmp.write_text(json.dumps(progress.to_dict(), indent=2))
+    os.replace(tmp, run / "state.json")
+
+
 def log_sizes(run: Path) -> dict:
     return {name: (run / name).stat().st_size if (run / name).exists() else 0 for name in LOGS}
 

@@ -135,12 +135,13 @@ def _decode_halving(model, rows: list[list[int]], settings, eos, suppress, pad_i
 @torch.no_grad()
 def sample(model, tokenizer, template: Template, requests: list[tuple[str | None, str]], settings: SampleSettings,
            suppress: list[int] | None = None, seed: int | None = None, desc: str = "sampling",
-           done: dict[int, Sample] | None = None, on_batch=None) -> list[Sample]:
+           done: dict[int, Sample] | None = None, on_batch=None, shard: tuple[int, int] = (0, 1)) -> list[Sample]:
     """requests: (feedback or None, prompt). One Sample per request, in order.
 
     With a seed, batch b draws from torch's RNG seeded by (seed, b), so a batch can be redone on its own: a resumed
     run passes the Samples it already has (`done`, by request index) and gets what an uninterrupted run got.
-    `on_batch` receives each newly sampled batch as [(request index, Sample)] (the trainer stages them)."""
+    `on_batch` receives each newly sampled batch as [(request index, Sample)] (the trainer stages them).
+    `shard=(rank, world)`: only batches b with b mod world == rank are sampled; the others stay None."""
     encoded = [template.input_ids(tokenizer, fb, p, settings.max_prompt_tokens) for fb, p in requests]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[Sample | None] = [None] * len(encoded)
@@ -152,7 +153,7 @@ def sample(model, tokenizer, template: Template, requests: list[tuple[str | None
     bar = tqdm(total=len(encoded), desc=desc, leave=False, disable=None)
     for b, start in enumerate(range(0, len(order), settings.batch_size)):
         idx = order[start:start + settings.batch_size]
-        if all(out[i] is not None for i in idx):
+        if b % shard[1] != shard[0] or all(out[i] is not None for i in idx):
             bar.update(len(idx))
             continue
         if seed is not None:

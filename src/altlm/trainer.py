@@ -15,22 +15,22 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from . import checkpoint, evaluation, metrics, models, runfolder
 from .config import ALTConfig
 from .data import CONTINUATION_WORDS, load_prompts
+from .distributed import Processes
 from .errors import AltlmError
 from .feedback import Feedback, build_feedback
 from .loss import alt_loss, target_logits
 from .pool import Pool, Row
+from .report import open_trackers
 from .sampler import Sample, SampleSettings, inference_model, sample
 from .template import Template
 
@@ -40,9 +40,10 @@ FEEDBACK_CHUNK = 256  # samples scored (and staged) at once: a kill loses at mos
 class ALTTrainer:
     def __init__(self, cfg: ALTConfig, resume: bool = False):
         self.cfg, self.run = cfg, Path(cfg.output_dir)
-        # Read-only until _open_run_folder: bad input (config, files, models, a corrupt run) leaves the folder as it was.
+        # Read-only until runfolder.open_run: bad input (config, files, models, a corrupt run) leaves the folder as it was.
         self.progress = runfolder.check(self.run, cfg.to_dict(), resume)
-        self.tracker = self._tracker()
+        self.procs = Processes()  # one, or several under torchrun / accelerate launch (distributed.py)
+        self.tracker = open_trackers(cfg.report_to, self.run, cfg.to_dict())
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -69,20 +70,26 @@ class ALTTrainer:
                     layers=cfg.lora_layers, train_new_tokens=cfg.template == "quark")
         self.model = models.prepare_for_training(base, cfg.training_mode, cfg.top_fraction, lora, self.added_ids)
         models.contiguous_lm_head(self.model)
-        context = getattr(base.config, "max_position_embeddings", None)
-        if context and cfg.max_prompt_tokens + cfg.max_new_tokens + 16 > context:
-            raise AltlmError(f"config keys max_prompt_tokens + max_new_tokens = {cfg.max_prompt_tokens + cfg.max_new_tokens} exceed "
-                             f"{cfg.model}'s context of {context} tokens (with room for the feedback); lower them")
+        models.check_context(base, cfg.model, cfg.max_prompt_tokens + cfg.max_new_tokens)
         if resume:
             runfolder.recover_checkpoint(self.run / "checkpoint")
         if self.progress.iteration_done:
             checkpoint.load_weights(self.model, self.run / "checkpoint", cfg.training_mode == "lora")
         if self.progress.step:  # eval phase: the trained weights; train phase: checked here, loaded with the optimiser
             runfolder.load_snapshot(self.run, self.progress.step, self.model, None)
-        self.device = next(self.model.parameters()).device
+        self.device = self.procs.device
+        self.model.to(self.device)
+        if self.ref_model is not None:
+            self.ref_model.to(self.device)
+        # DDP wraps only the training forward; everything else (sampling, saving, the reference) uses self.model.
+        self.ddp = self.model if self.procs.world == 1 else torch.nn.parallel.DistributedDataParallel(self.model)
         self.amp = models.autocast_dtype(cfg.precision, self.device)
         self.fluency = evaluation.Fluency(cfg.perplexity_model, self.amp) if cfg.perplexity_model else None
-        self._open_run_folder(resume)
+        if self.procs.main:  # the only writer; the other processes read the pool once it is there
+            self.pool = runfolder.open_run(self.run, cfg.to_dict(), self.progress, resume)
+        self.procs.wait()
+        if not self.procs.main:
+            self.pool = Pool(self.run / "pool.sqlite")
         self.global_step = sum(1 for line in open(self.run / "metrics.jsonl") if '"kind": "step"' in line) \
             if (self.run / "metrics.jsonl").exists() else 0
         self.train_settings = SampleSettings(cfg.temperature, cfg.top_p, cfg.min_new_tokens, cfg.max_new_tokens,
@@ -91,57 +98,17 @@ class ALTTrainer:
                                             cfg.sample_batch_size, cfg.max_prompt_tokens)
 
     # ------------------------------------------------------------------ run folder
-    def _open_run_folder(self, resume: bool) -> None:
-        """Fresh run: create the folder, the pool and its progress record, config.yaml, state.json (last: its
-        presence marks a run). Resume: cut the logs back to the progress record; undo any uncommitted pool rows."""
-        if not resume:
-            self.run.mkdir(parents=True, exist_ok=True)
-            self.pool = Pool(self.run / "pool.sqlite")
-            self.pool.rollback(0)  # a fresh start in a folder a failed start left behind
-            self.save_progress()
-            tmp = self.run / "config.yaml.tmp"
-            tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False, allow_unicode=True))
-            os.replace(tmp, self.run / "config.yaml")
-        else:
-            runfolder.cut_logs(self.run, self.progress.files)
-            self.pool = Pool(self.run / "pool.sqlite")
-            committed = self.progress.iteration_done + (self.progress.phase in ("train", "eval"))
-            self.pool.rollback(committed + 1)
-        evaluation.write_json(self.run / "state.json", self.progress.to_dict())
-
     def save_progress(self, **changes) -> None:
         """Advance the progress record (inside the caller's pool transaction, if any) and copy it to state.json."""
         self.progress = dataclasses.replace(self.progress, **changes, files=runfolder.log_sizes(self.run))
+        if not self.procs.main:  # every process keeps the same phase and step; the main one writes them
+            return
         self.pool.set_progress(self.progress.to_dict())
-        if (self.run / "state.json").exists():
-            evaluation.write_json(self.run / "state.json", self.progress.to_dict())
-
-    def _tracker(self):
-        """accelerate's trackers (TensorBoard, W&B) when `report_to` asks for them; checked before any work."""
-        want = self.cfg.report_to
-        if want == "none":
-            return None
-        from accelerate import Accelerator
-        from accelerate.utils import is_tensorboard_available, is_wandb_available
-
-        for name, ok, pkg in (("tensorboard", is_tensorboard_available, "tensorboardX"), ("wandb", is_wandb_available, "wandb")):
-            if want in (name, "all") and not ok():
-                raise AltlmError(f"report_to={want} needs the {name} logger; pip install {pkg} (or set report_to=none)")
-        acc = Accelerator(cpu=True, log_with=want, project_dir=str(self.run / "trackers"))
-        acc.init_trackers(self.run.name or "altlm", config={k: str(v) for k, v in self.cfg.to_dict().items()})
-        return acc
+        runfolder.write_state(self.run, self.progress)
 
     def track(self, step: int, values: dict) -> None:
         if self.tracker is not None:
             self.tracker.log({k: v for k, v in values.items() if isinstance(v, (int, float)) and v == v}, step=step)
-
-    def _meta(self, iteration: int) -> dict:
-        c = self.cfg
-        return {"model": c.model, "seed": c.seed, "training_mode": c.training_mode, "template": self.template.to_dict(),
-                "feedback_words": c.feedback_words, "exemplar": (self.exemplars() or [c.exemplar_text])[0], "vocab_size": self.vocab_size,
-                "iteration": iteration, "scorer": c.scorer,
-                "sampling": {"temperature": c.eval_temperature, "top_p": c.eval_top_p, "min_new_tokens": c.min_new_tokens,
-                             "max_new_tokens": c.max_new_tokens, "max_prompt_tokens": c.max_prompt_tokens}}
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
@@ -153,7 +120,9 @@ class ALTTrainer:
                           model=self.ref_model or self.model)
             self.save_progress(phase="sample")
         if cfg.seed_pool and self.pool.count("iteration = 0") == 0:
-            self.seed_pool()
+            if self.procs.main:
+                self.seed_pool()
+            self.procs.wait()
         for it in range(self.progress.iteration_done + 1, cfg.iterations + 1):
             rng = random.Random(cfg.seed * 100_003 + it)
 
@@ -169,61 +138,52 @@ class ALTTrainer:
                 staged = self.pool.staged(it)  # what a killed attempt at this iteration already sampled and scored
                 samples = sample(inference_model(sampler_model, self.amp), self.tokenizer, self.template, conditioned,
                                  self.train_settings, self.added_ids, seed=cfg.seed * 100_003 + it, desc=f"iter {it} sampling",
-                                 done={i: Sample(**s) for i, (s, _) in staged.items()}, on_batch=lambda b: self._stage(it, b))
+                                 done={i: Sample(**s) for i, (s, _) in staged.items()}, shard=(self.procs.rank, self.procs.world),
+                                 on_batch=(lambda b: self._stage(it, b)) if self.procs.main else None)
+                samples = self._gathered(it, samples, self._stage)
 
                 # 2. Feedback: RM gives a score per sample (its words come from the pool's quantiles, step 3);
                 #    an LLM judge gives the words itself. Samples it could not judge are kept, marked invalid.
                 judge_before = self.feedback.judge.stats.as_dict() if hasattr(self.feedback, "judge") else None
                 fbs = self.score_staged(it, requests, samples, {i: Feedback(**f) for i, (_, f) in staged.items() if f})
 
-                # 3. Pool, in one transaction with the progress record: flush (per drop_factor), add, re-cut quantiles.
-                with self.pool.transaction():
-                    self.pool.flush(cfg.drop_factor, rng, it)
-                    self.pool.add([Row(it, pid, p, s.completion, f.text, f.score, f.bucket, s.truncated, s.prompt_tokens,
-                                       s.completion_tokens, f.valid, f.raw, f.agreement)
-                                   for (pid, p), s, f in zip(requests, samples, fbs)])
-                    active = self.pool.rows()
-                    if self.feedback.relative:
-                        buckets, texts = self.feedback.rebucket([r.score for r in active], [r.prompt_id for r in active])
-                        self.pool.set_feedback([r.id for r in active], buckets, texts)
-                    else:
-                        buckets = [r.bucket for r in active]
-                    self.pool.unstage(it)
-                    new_buckets = [b for r, b in zip(active, buckets) if r.iteration == it]
-                    agreements = [f.agreement for f in fbs if f.agreement is not None]
-                    record = {"pool_size": len(active), "sample_score_mean": metrics.mean([f.score for f in fbs if f.score is not None]),
-                              "bucket_counts": [buckets.count(b) for b in range(self.n_buckets)],
-                              "new_bucket_distribution": metrics.bucket_distribution(new_buckets, self.n_buckets),
-                              "invalid": sum(not f.valid for f in fbs), "agreement_mean": metrics.mean(agreements) if agreements else None}
-                    if judge_before is not None:
-                        record["judge"] = self.feedback.judge.stats.minus(judge_before)
-                    evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "iteration", "iteration": it, **record}])
-                    self.save_progress(phase="train", step=0, record=record)
-                self.track(it, {"pool/score_mean": record["sample_score_mean"], "pool/size": record["pool_size"],
-                                "pool/invalid": record["invalid"]})
+                # 3. Pool: the main process commits the samples and their feedback (and re-cuts the quantiles).
+                if self.procs.main:
+                    self.commit_pool(it, rng, requests, samples, fbs, judge_before)
+                else:
+                    self.save_progress(phase="train", step=0)
+                self.procs.wait()  # committed before anyone draws from it
 
             # 4. Train on feedback + prompt → completion, drawn from the pool; its end state is snapshotted.
             if self.progress.phase == "train":
                 train_stats = self.train_phase(it)
                 self.save_progress(phase="eval", step=train_stats["steps"], record={**self.progress.record, "train": train_stats})
-                runfolder.prune_snapshots(self.run, keep=train_stats["steps"])
+                if self.procs.main:
+                    runfolder.prune_snapshots(self.run, keep=train_stats["steps"])
 
-            # 5. Evaluate on held-out prompts; at the end under every feedback string.
-            checkpoint.save(self.model, self.tokenizer, self.run / "checkpoint", self._meta(it))
+            # 5. Evaluate on held-out prompts; at the end under every feedback string (main process only).
             last = it == cfg.iterations
-            if last or it % cfg.eval_every == 0:
+            if self.procs.main:
+                checkpoint.save(self.model, self.tokenizer, self.run / "checkpoint",
+                                checkpoint.run_meta(cfg, self.template, (self.exemplars() or [cfg.exemplar_text])[0], self.vocab_size, it))
+                if last or it % cfg.eval_every == 0:
+                    if last:
+                        words = self.eval_words()  # LMU: the sentences come from the pool, which has grown
+                    conditions = ([None] + words) if (last and cfg.eval_all_feedback) else (self.exemplars()[:1] or [None])
+                    self.evaluate(it, conditions, label="policy", extra=self.progress.record)
                 if last:
-                    words = self.eval_words()  # LMU: the sentences come from the pool, which has grown
-                conditions = ([None] + words) if (last and cfg.eval_all_feedback) else (self.exemplars()[:1] or [None])
-                self.evaluate(it, conditions, label="policy", extra=self.progress.record)
-            if last:
-                evaluation.write_json(self.run / "summary.json", self.summarize(time.time() - t0))
-                if cfg.report:
-                    from .report import write_report
+                    evals = [json.loads(line) for line in open(self.run / "metrics.jsonl") if '"kind": "eval"' in line]
+                    evaluation.write_json(self.run / "summary.json", evaluation.summarize_run(
+                        evals, self.scorer.name, self.scorer.higher_is_better, (self.exemplars() or ["<none>"])[0],
+                        self.feedback.vocabulary or self.eval_words(), len(self.prompts.eval), cfg.eval_samples_per_prompt, time.time() - t0))
+                    if cfg.report:
+                        from .report import write_report
 
-                    write_report([self.run], self.run)
+                        write_report([self.run], self.run)
             self.save_progress(iteration_done=it, phase="sample", step=0, record={}, finished=last)
-            runfolder.prune_snapshots(self.run, keep=None)
+            if self.procs.main:
+                runfolder.prune_snapshots(self.run, keep=None)
+            self.procs.wait()
 
         self.pool.close()
         if hasattr(self.feedback, "judge"):
@@ -232,43 +192,75 @@ class ALTTrainer:
             self.tracker.end_training()
         return json.loads((self.run / "summary.json").read_text())
 
+    def commit_pool(self, it: int, rng: random.Random, requests, samples: list[Sample], fbs: list[Feedback], judge_before) -> dict:
+        """Step 3 (main process): in one transaction with the progress record, flush (per drop_factor), add the
+        iteration's samples, re-cut quantiles over the active pool, drop the staged copies; log the pool record."""
+        cfg = self.cfg
+        with self.pool.transaction():
+            self.pool.flush(cfg.drop_factor, rng, it)
+            self.pool.add([Row(it, pid, p, s.completion, f.text, f.score, f.bucket, s.truncated, s.prompt_tokens,
+                               s.completion_tokens, f.valid, f.raw, f.agreement)
+                           for (pid, p), s, f in zip(requests, samples, fbs)])
+            active = self.pool.rows()
+            if self.feedback.relative:
+                buckets, texts = self.feedback.rebucket([r.score for r in active], [r.prompt_id for r in active])
+                self.pool.set_feedback([r.id for r in active], buckets, texts)
+            else:
+                buckets = [r.bucket for r in active]
+            self.pool.unstage(it)
+            new_buckets = [b for r, b in zip(active, buckets) if r.iteration == it]
+            agreements = [f.agreement for f in fbs if f.agreement is not None]
+            record = {"pool_size": len(active), "sample_score_mean": metrics.mean([f.score for f in fbs if f.score is not None]),
+                      "bucket_counts": [buckets.count(b) for b in range(self.n_buckets)],
+                      "new_bucket_distribution": metrics.bucket_distribution(new_buckets, self.n_buckets),
+                      "invalid": sum(not f.valid for f in fbs), "agreement_mean": metrics.mean(agreements) if agreements else None}
+            if judge_before is not None:
+                record["judge"] = self.feedback.judge.stats.minus(judge_before)
+            evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "iteration", "iteration": it, **record}])
+            self.save_progress(phase="train", step=0, record=record)
+        self.track(it, {"pool/score_mean": record["sample_score_mean"], "pool/size": record["pool_size"], "pool/invalid": record["invalid"]})
+        return record
+
     def _stage(self, it: int, batch: list[tuple[int, Sample]]) -> None:
         self.pool.stage(it, [(i, dataclasses.asdict(s)) for i, s in batch])
         runfolder.failpoint("sample")
 
+    def _stage_feedback(self, it: int, batch: list[tuple[int, Feedback]]) -> None:
+        self.pool.stage_feedback(it, [(i, dataclasses.asdict(f)) for i, f in batch])
+        runfolder.failpoint("feedback")
+
+    def _gathered(self, it: int, items: list, stage) -> list:
+        """Several processes: each one's share of `items` (None elsewhere), merged on all; the main process stages
+        the shares the others made."""
+        if self.procs.world == 1:
+            return items
+        got = self.procs.merge({i: x for i, x in enumerate(items) if x is not None})
+        if self.procs.main:
+            stage(it, [(i, got[i]) for i in sorted(got) if items[i] is None])
+        return [got[i] for i in range(len(items))]
+
     def score_staged(self, it: int, requests, samples: list[Sample], done: dict[int, Feedback]) -> list[Feedback]:
         """Feedback for every sample, FEEDBACK_CHUNK at a time, each chunk staged in the pool as it arrives; chunks
         a killed attempt already scored (`done`) are kept. Fixed chunk boundaries keep the scorer's batches as
-        they were, so the scores are too."""
+        they were, so the scores are too. Several processes: chunk c is scored by process c mod N."""
         out = [done.get(i) for i in range(len(samples))]
-        for start in range(0, len(samples), FEEDBACK_CHUNK):
+        for c, start in enumerate(range(0, len(samples), FEEDBACK_CHUNK)):
             idx = [i for i in range(start, min(start + FEEDBACK_CHUNK, len(samples))) if out[i] is None]
-            if not idx:
+            if not idx or c % self.procs.world != self.procs.rank:
                 continue
             fbs = self.feedback([requests[i][1] for i in idx], [samples[i].completion for i in idx])
-            self.pool.stage_feedback(it, [(i, dataclasses.asdict(f)) for i, f in zip(idx, fbs)])
-            runfolder.failpoint("feedback")
+            if self.procs.main:
+                self._stage_feedback(it, list(zip(idx, fbs)))
             for i, f in zip(idx, fbs):
                 out[i] = f
-        return out  # type: ignore[return-value]
+        return self._gathered(it, out, self._stage_feedback)
 
     def exemplars(self) -> list[str]:
         """What the policy is sampled and evaluated under: the exemplar feedback (RM, LMC), or for LMU the
         `lmu_exemplars` most frequent feedback sentences of the pool's best score (method.md §4)."""
         if self.feedback.vocabulary is not None:
             return [self.cfg.exemplar_text]
-        return self._common_sentences(best=True)[:self.cfg.lmu_exemplars]
-
-    def _common_sentences(self, best: bool) -> list[str]:
-        rows = [r for r in self.pool.rows() if r.feedback is not None and r.bucket is not None]
-        if not rows:
-            return []
-        target = min(r.bucket for r in rows) if best else max(r.bucket for r in rows)
-        counts: dict[str, int] = {}
-        for r in rows:
-            if r.bucket == target:
-                counts[r.feedback] = counts.get(r.feedback, 0) + 1
-        return sorted(counts, key=lambda t: -counts[t])
+        return self.pool.common_feedback(best=True)[:self.cfg.lmu_exemplars]
 
     def eval_words(self) -> list[str]:
         """Feedback strings evaluated at the end, best first: the vocabulary (RM, LMC; `eval_feedback` filters it),
@@ -276,7 +268,7 @@ class ALTTrainer:
         cfg = self.cfg
         if self.feedback.vocabulary is not None:
             return [w for w in self.feedback.vocabulary if cfg.eval_feedback is None or w in cfg.eval_feedback]
-        best, worst = self._common_sentences(best=True)[:1], self._common_sentences(best=False)[:1]
+        best, worst = self.pool.common_feedback(best=True)[:1], self.pool.common_feedback(best=False)[:1]
         return best + [w for w in worst if w not in best]
 
     def seed_pool(self) -> None:
@@ -323,21 +315,33 @@ class ALTTrainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))),
                                                   last_epoch=start - 1)
         self.model.train()
-        tok, bad = self.tokenizer, 0
+        tok, bad, world = self.tokenizer, 0, self.procs.world
         for step in tqdm(range(start, steps), desc=f"iter {it} training", leave=False, disable=None):
             batch = rows[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            # Several processes: every N-th row each (a batch shorter than N gives some process a filler row, weight 0).
+            mine = batch[self.procs.rank::world]
+            filler, batch = not mine, mine or batch[:1]
             inputs = [self.template.input_ids(tok, r.feedback if cfg.use_feedback else None, r.prompt, cfg.max_prompt_tokens)
                       for r in batch]
             targets = [self.template.target_ids(tok, r.completion, bool(r.truncated)) for r in batch]
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                logits, tgt, mask = target_logits(self.model, inputs, targets, tok.pad_token_id)
+                logits, tgt, mask = target_logits(self.ddp, inputs, targets, tok.pad_token_id)
                 ref_logits = None
                 if cfg.kl_coef:
                     ref_inputs = inputs if cfg.reference_input == "conditioned" else \
                         [self.template.input_ids(tok, None, r.prompt, cfg.max_prompt_tokens) for r in batch]
                     ref_logits = self.reference_logits(ref_inputs, targets)
-            loss, stats = alt_loss(logits, tgt, mask, ref_logits, cfg.kl_coef, cfg.entropy_coef, cfg.kl_direction, self.vocab_size)
-            if not torch.isfinite(loss):
+            # Several processes: token sum over the global token count, × N as DDP averages the gradients, so the
+            # step is one process's step on the whole batch.
+            denom = None if world == 1 else self.procs.sum([0.0 if filler else float(mask.sum())])[0] / world
+            loss, stats = alt_loss(logits, tgt, mask, ref_logits, cfg.kl_coef, cfg.entropy_coef, cfg.kl_direction, self.vocab_size, denom)
+            loss, finite, loss_value = loss * (0.0 if filler else 1.0), bool(torch.isfinite(loss)), loss.item()
+            if world > 1:  # all processes take or skip the step together; log the whole batch's numbers
+                n = 0 if filler else stats["tokens"]
+                ok, loss_value, *s = self.procs.sum([float(finite), loss_value * (not filler)] + [stats[k] * n for k in ("nll", "kl", "entropy")] + [n])
+                finite, loss_value = ok == world, loss_value / world
+                stats = {"nll": s[0] / max(s[3], 1), "kl": s[1] / max(s[3], 1), "entropy": s[2] / max(s[3], 1), "tokens": int(s[3])}
+            if not finite:
                 bad += 1
                 print(f"warning: iteration {it} step {step}: non-finite loss, batch skipped")
                 if bad >= cfg.max_nonfinite_steps:
@@ -352,17 +356,20 @@ class ALTTrainer:
             opt.zero_grad(set_to_none=True)
             for k in ("nll", "kl", "entropy", "tokens"):
                 totals[k] += stats[k] * (1 if k == "tokens" else stats["tokens"])
-            totals["loss"] += loss.item() * stats["tokens"]
-            record = {"loss": loss.item(), **stats, "lr": sched.get_last_lr()[0]}
-            evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "step", "iteration": it, "step": step, **record}])
+            totals["loss"] += loss_value * stats["tokens"]
+            record = {"loss": loss_value, **stats, "lr": sched.get_last_lr()[0]}
+            if self.procs.main:
+                evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "step", "iteration": it, "step": step, **record}])
             self.track(self.global_step, {f"train/{k}": v for k, v in record.items()})
             self.global_step += 1
             runfolder.failpoint("train")
             if step + 1 == steps or (cfg.save_steps and (step + 1) % cfg.save_steps == 0):
-                runfolder.save_snapshot(self.run, step + 1, self.model, opt, {"totals": totals})
+                if self.procs.main:
+                    runfolder.save_snapshot(self.run, step + 1, self.model, opt, {"totals": totals})
                 if step + 1 < steps:  # the last one is recorded with the phase's end (train())
                     self.save_progress(step=step + 1)
-                    runfolder.prune_snapshots(self.run, keep=step + 1)
+                    if self.procs.main:
+                        runfolder.prune_snapshots(self.run, keep=step + 1)
         n = max(totals["tokens"], 1)
         return {"steps": steps, "examples": len(rows), "seconds": round(time.time() - t0, 2),
                 **{k: totals[k] / n for k in ("loss", "nll", "kl", "entropy")}, "tokens": totals["tokens"]}
@@ -377,6 +384,8 @@ class ALTTrainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, it: int, conditions: list[str | None], label: str, extra: dict | None = None, model=None) -> dict:
         cfg = self.cfg
+        if not self.procs.main:
+            return {}
         blocks, records = evaluation.evaluate(
             inference_model(model or self.model, self.amp), self.tokenizer, self.template, self.prompts.eval,
             [evaluation.Condition(fb, cfg.eval_samples_per_prompt) for fb in conditions], self.eval_settings,
@@ -387,9 +396,3 @@ class ALTTrainer:
         evaluation.append_jsonl(self.run / "metrics.jsonl", [record])
         self.track(it, {f"eval/{label}/{k}/{m}": v for k, b in blocks.items() for m, v in b.items()})
         return record
-
-    def summarize(self, wall: float) -> dict:
-        evals = [json.loads(line) for line in open(self.run / "metrics.jsonl") if '"kind": "eval"' in line]
-        return evaluation.summarize_run(evals, self.scorer.name, self.scorer.higher_is_better, (self.exemplars() or ["<none>"])[0],
-                                        self.feedback.vocabulary or self.eval_words(), len(self.prompts.eval),
-                                        self.cfg.eval_samples_per_prompt, wall)
