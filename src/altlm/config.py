@@ -143,6 +143,7 @@ class ALTConfig:
     eval_samples_per_prompt: int = _f(2, "Samples per held-out prompt at evaluation.")
     eval_every: int = _f(1, "Evaluate under the exemplar every N iterations (the final iteration is always evaluated under every feedback).")
     eval_feedback: list[str] | None = _f(None, "Feedback strings evaluated at the end, on the reference and the final model (default: all feedback_words).")
+    steer_eval_every: int = _f(0, "Also evaluate under every feedback string every N iterations, not only at the end (steerability over training; 0 = only at the end).")
     eval_all_feedback: bool = _f(True, "At the end, also evaluate the reference and final model under every feedback string (steerability and priming control).")
     perplexity_model: str | None = _f(None, "Scoring LM for fluency (perplexity of each completion given its prompt) at every evaluation, e.g. gemma3-270m or an HF id; None skips it (`altlm eval` computes it by default).")
     # --- logging ---
@@ -182,8 +183,8 @@ class ALTConfig:
             raise AltlmError(f"config key 'train_steps' must be >= 0, got {self.train_steps}")
         if not 0.0 < self.lora_layers <= 1.0 or not 0.0 < self.top_fraction <= 1.0:
             raise AltlmError("config keys 'lora_layers' and 'top_fraction' must be in (0, 1]")
-        if self.save_steps < 0:
-            raise AltlmError(f"config key 'save_steps' must be >= 0, got {self.save_steps}")
+        if self.save_steps < 0 or self.steer_eval_every < 0:
+            raise AltlmError("config keys 'save_steps' and 'steer_eval_every' must be >= 0")
         for k in ("max_nonfinite_steps", "eval_every", "iterations", "prompts_per_iteration", "samples_per_prompt", "batch_size", "max_new_tokens", "num_eval_prompts", "eval_samples_per_prompt", "sample_batch_size", "per_bucket"):
             if getattr(self, k) < 1:
                 raise AltlmError(f"config key '{k}' must be >= 1, got {getattr(self, k)}")

@@ -74,6 +74,7 @@ class Row:
 
 
 _COLS = [f.name for f in fields(Row) if f.name != "id"]
+ACTIVE = "dropped_at IS NULL AND valid = 1"
 
 
 class Pool:
@@ -175,14 +176,45 @@ class Pool:
         return sorted(counts, key=lambda t: -counts[t])
 
     def draw_uniform(self, n: int, rng: random.Random) -> list[Row]:
-        """Global regime: n rows uniformly from the active, valid pool (with replacement only if n > pool)."""
-        rows = self.rows()
-        if not rows:
+        """Global regime: n rows uniformly from the active, valid pool (with replacement only if n > pool).
+        Row ids are drawn from the id range and the active ones kept (rejection sampling, a few rounds), so a
+        draw reads about n rows whether the pool holds 10³ or 10⁶; a pool that is mostly retired or smaller
+        than n falls back to listing its active ids."""
+        lo = self.db.execute("SELECT MIN(id) FROM samples").fetchone()[0]  # (one aggregate per query: O(log n))
+        hi = self.db.execute("SELECT MAX(id) FROM samples").fetchone()[0]
+        if lo is None:
             return []
-        if n <= len(rows):
-            return rng.sample(rows, n)
-        out = rows + [rng.choice(rows) for _ in range(n - len(rows))]
-        rng.shuffle(out)
+        picks, seen = [], set()
+        for _ in range(4):
+            cand = [rng.randint(lo, hi) for _ in range(2 * (n - len(picks)))]
+            ok = self._active_ids(cand)
+            for i in cand:
+                if i in ok and i not in seen and len(picks) < n:
+                    seen.add(i)
+                    picks.append(i)
+            if len(picks) == n:
+                break
+        else:
+            ids = [r[0] for r in self.db.execute(f"SELECT id FROM samples WHERE {ACTIVE} ORDER BY id")]
+            if not ids:
+                return []
+            if n <= len(ids):
+                picks = rng.sample(ids, n)
+            else:
+                picks = ids + [rng.choice(ids) for _ in range(n - len(ids))]
+                rng.shuffle(picks)
+        by_id = {}
+        for start in range(0, len(picks), 500):  # SQLite caps the number of bound parameters
+            chunk = sorted(set(picks[start:start + 500]))
+            for r in self.rows(f"id IN ({','.join('?' * len(chunk))})", tuple(chunk)):
+                by_id[r.id] = r
+        return [by_id[i] for i in picks]
+
+    def _active_ids(self, ids: list[int]) -> set[int]:
+        out = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            out |= {r[0] for r in self.db.execute(f"SELECT id FROM samples WHERE id IN ({','.join('?' * len(chunk))}) AND {ACTIVE}", chunk)}
         return out
 
     def draw_balanced(self, per_bucket: int, num_buckets: int, rng: random.Random) -> list[Row]:

@@ -166,10 +166,10 @@ class ALTTrainer:
             if self.procs.main:
                 checkpoint.save(self.model, self.tokenizer, self.run / "checkpoint",
                                 checkpoint.run_meta(cfg, self.template, (self.exemplars() or [cfg.exemplar_text])[0], self.vocab_size, it))
-                if last or it % cfg.eval_every == 0:
-                    if last:
-                        words = self.eval_words()  # LMU: the sentences come from the pool, which has grown
-                    conditions = ([None] + words) if (last and cfg.eval_all_feedback) else (self.exemplars()[:1] or [None])
+                every = last or bool(cfg.steer_eval_every and it % cfg.steer_eval_every == 0)  # under every feedback
+                if every or it % cfg.eval_every == 0:
+                    words = self.eval_words()  # LMU: the sentences come from the pool, which has grown
+                    conditions = ([None] + words) if (every and cfg.eval_all_feedback) else (self.exemplars()[:1] or [None])
                     self.evaluate(it, conditions, label="policy", extra=self.progress.record)
                 if last:
                     evals = [json.loads(line) for line in open(self.run / "metrics.jsonl") if '"kind": "eval"' in line]

@@ -1,0 +1,232 @@
+"""Throughput against the roofline on this machine: matmul GFLOP/s (fp32 and bf16), sampling and training
+tokens/s with the offline SmolLM2-135M, feedback scoring texts/s, and pool draw time against pool size.
+
+    .venv/bin/python benchmarks/throughput.py            # ≈ 6–9 min on 2 cores; --quick for a 1-minute check
+
+Writes benchmarks/results/throughput.json and prints a table. FLOPs are counted the usual way for a dense
+decoder: 2·N per token for a forward pass (N = parameters outside the embedding), 6·N for forward + backward
+with weight gradients (full), 4·N for LoRA (activation gradients only, adapters are negligible) plus 2·N for
+the reference forward when KL is on; the LM head is a matmul and counts (tied embeddings: once as the head).
+Attention's quadratic term is left out (sequences here are < 100 tokens). "roofline" is the faster of the
+fp32 and bf16 matmul peaks measured at the model's own shapes and at a large square.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "src"))
+
+from altlm import models  # noqa: E402
+from altlm.loss import alt_loss, target_logits  # noqa: E402
+from altlm.pool import Pool, Row  # noqa: E402
+from altlm.sampler import SampleSettings, inference_model, sample  # noqa: E402
+from altlm.template import Template  # noqa: E402
+
+
+def best_of(fn, reps: int) -> float:
+    fn()  # warm-up: allocators, oneDNN kernel selection
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def matmul_gflops(m: int, k: int, n: int, dtype, reps: int = 5) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    return 2 * m * k * n / best_of(lambda: a @ b, reps) / 1e9
+
+
+def roofline(quick: bool) -> dict:
+    # the shapes the model runs: [tokens, 576] @ [576, 1536] (MLP) and [tokens, 576] @ [576, 49152] (head)
+    shapes = [(2048, 2048, 2048), (1024, 576, 1536), (512, 576, 49152)] if not quick else [(1024, 1024, 1024), (512, 576, 1536)]
+    out = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        out[name] = {f"{m}x{k}x{n}": round(matmul_gflops(m, k, n, dt), 1) for m, k, n in shapes}
+    out["peak_fp32"] = max(out["fp32"].values())
+    out["peak_bf16"] = max(out["bf16"].values())
+    out["roofline_gflops"] = max(out["peak_fp32"], out["peak_bf16"])
+    out["roofline_dtype"] = "bf16" if out["peak_bf16"] >= out["peak_fp32"] else "fp32"
+    return out
+
+
+def dense_params(model) -> int:
+    """Parameters that do matmul work per token: everything but the input embedding, plus the LM head (tied)."""
+    emb = model.get_input_embeddings().weight.numel()
+    return sum(p.numel() for p in model.parameters()) - emb + model.get_output_embeddings().weight.numel()
+
+
+def prompts(n: int) -> list[str]:
+    from altlm.data import fortune_items
+
+    items = [x for x in fortune_items(False) if len(x.split()) > 10]
+    rng = random.Random(0)
+    return [" ".join(x.split()[:rng.randint(4, 8)]) for x in rng.sample(items, n)]
+
+
+def bench_sampling(model, tok, amp, batches: list[int], new_tokens: int, n_params: int) -> list[dict]:
+    inf = inference_model(model, amp)
+    rows = []
+    for b in batches:
+        reqs = [(None, p) for p in prompts(b)]
+        settings = SampleSettings(1.0, 1.0, new_tokens, new_tokens, b, 64)  # min = max: every row runs the full length
+        sample(inf, tok, Template(), reqs[:min(b, 8)], settings, seed=0)  # warm-up
+        t = time.perf_counter()
+        out = sample(inf, tok, Template(), reqs, settings, seed=0)
+        dt = time.perf_counter() - t
+        toks = sum(s.completion_tokens for s in out)
+        ctx = sum(s.prompt_tokens for s in out)
+        flops = 2 * n_params * (toks + ctx)  # prefill + one token per step
+        rows.append({"batch": b, "tokens": toks, "seconds": round(dt, 2), "tokens_per_s": round(toks / dt, 1),
+                     "gflops": round(flops / dt / 1e9, 1)})
+    return rows
+
+
+def bench_training(model, tok, amp, mode: str, batches: list[int], steps: int, n_params: int, kl: bool) -> list[dict]:
+    lora = dict(r=16, alpha=32, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                layers=1.0, train_new_tokens=False)
+    import copy
+
+    m = models.prepare_for_training(copy.deepcopy(model), mode, 0.3, lora, [])
+    models.contiguous_lm_head(m)
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    texts = prompts(max(batches))
+    rows = []
+    for b in batches:
+        inputs = [tok(t, add_special_tokens=False).input_ids for t in texts[:b]]
+        targets = [tok(" and then the rest of a twenty token completion goes on and on until it stops here.",
+                       add_special_tokens=False).input_ids for _ in range(b)]
+
+        def step():
+            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                logits, tgt, mask = target_logits(m, inputs, targets, tok.pad_token_id)
+                ref = None
+                if kl:
+                    with torch.no_grad():
+                        if mode == "lora":
+                            with m.disable_adapter():
+                                ref = target_logits(m, inputs, targets, tok.pad_token_id)[0]
+                        else:
+                            ref = target_logits(m, inputs, targets, tok.pad_token_id)[0]
+            loss, _ = alt_loss(logits, tgt, mask, ref, 0.05 if kl else 0.0, 0.06)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()  # warm-up
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        dt = (time.perf_counter() - t) / steps
+        toks = sum(len(i) + len(t) for i, t in zip(inputs, targets))
+        per_token = (4 if mode == "lora" else 6) * n_params + (2 * n_params if kl else 0)
+        rows.append({"batch": b, "tokens_per_step": toks, "seconds_per_step": round(dt, 3),
+                     "tokens_per_s": round(toks / dt, 1), "gflops": round(per_token * toks / dt / 1e9, 1)})
+    return rows
+
+
+def bench_scoring(n: int) -> dict:
+    from altlm.feedback import build_scorer
+
+    out = {}
+    texts = prompts(n)
+    for name in ("jigsaw", "vader", "profanity"):
+        try:
+            s = build_scorer(name)
+        except Exception as e:  # noqa: BLE001 — a missing optional scorer is reported, not fatal
+            out[name] = {"error": str(e)[:100]}
+            continue
+        s.score(texts[:8], texts[:8])
+        t = time.perf_counter()
+        s.score(texts, texts)
+        dt = time.perf_counter() - t
+        out[name] = {"texts": n, "seconds": round(dt, 3), "texts_per_s": round(n / dt, 1)}
+    return out
+
+
+def bench_pool(sizes: list[int], draw: int) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        pool, have = Pool(Path(d) / "pool.sqlite"), 0
+        for size in sizes:
+            add = size - have
+            for start in range(0, add, 100_000):
+                k = min(100_000, add - start)
+                pool.add([Row(1, i % 5000, f"prompt {i % 5000}", f"completion {i}", "Lowest Toxicity", 0.1, 0, False, 8, 20)
+                          for i in range(have + start, have + start + k)])
+            have = size
+            rng = random.Random(0)
+            dt = best_of(lambda: pool.draw_uniform(draw, rng), 3)
+            rows.append({"pool_rows": size, "draw": draw, "ms": round(dt * 1000, 2)})
+        pool.close()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes: a one-minute check that everything runs")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", default=str(ROOT / "results" / "throughput.json"))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); roofline and workloads use the same")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t0 = time.time()
+    res = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "load_average_at_start": os.getloadavg()[0]}, "model": args.model}
+    res["roofline"] = roof = roofline(args.quick)
+    model, tok = models.load_model(args.model), models.load_tokenizer(args.model)
+    tok.padding_side = "left"
+    n = dense_params(model)
+    res["dense_params"] = n
+    amp = models.autocast_dtype("auto", torch.device("cpu"))
+    res["compute_dtype"] = "bf16" if amp is not None else "fp32"
+    q = args.quick
+    res["sampling_sweep"] = bench_sampling(model, tok, amp, [8, 32] if q else [16, 64, 128, 256], 8 if q else 32, n)
+    res["training_lora_sweep"] = bench_training(model, tok, amp, "lora", [8] if q else [8, 16, 32], 1 if q else 3, n, kl=True)
+    res["training_full_sweep"] = bench_training(model, tok, amp, "full", [8] if q else [8, 16, 32], 1 if q else 3, n, kl=True)
+    res["scoring"] = bench_scoring(64 if q else 512)
+    res["pool_draw"] = bench_pool([1_000, 10_000] if q else [1_000, 10_000, 100_000, 1_000_000], 640)
+    R = roof["roofline_gflops"]
+    for key, sweep in (("sampling", "sampling_sweep"), ("training_lora", "training_lora_sweep"), ("training_full", "training_full_sweep")):
+        best = max(res[sweep], key=lambda r: r["gflops"])
+        res[key] = {"tokens_per_s": best["tokens_per_s"], "gflops": best["gflops"], "batch": best["batch"],
+                    "roofline_ratio": round(best["gflops"] / R, 3)}
+    res["roofline_gflops"] = R
+    res["seconds"] = round(time.time() - t0, 1)
+    res["machine"]["load_average_at_end"] = os.getloadavg()[0]
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    os.replace(tmp, out)
+
+    print(f"roofline: fp32 {roof['peak_fp32']} GFLOP/s, bf16 {roof['peak_bf16']} GFLOP/s → {R} ({roof['roofline_dtype']}); "
+          f"model compute in {res['compute_dtype']}")
+    print(f"{'workload':<16}{'batch':>7}{'tokens/s':>12}{'GFLOP/s':>10}{'of roofline':>13}")
+    for key in ("sampling", "training_lora", "training_full"):
+        r = res[key]
+        print(f"{key:<16}{r['batch']:>7}{r['tokens_per_s']:>12}{r['gflops']:>10}{r['roofline_ratio']:>12.0%}")
+    for name, s in res["scoring"].items():
+        print(f"scoring {name:<10} {s.get('texts_per_s', s.get('error'))} texts/s")
+    print("pool draw of 640 rows: " + ", ".join(f"{r['pool_rows']:,} rows {r['ms']} ms" for r in res["pool_draw"]))
+    print(f"({res['seconds']} s; wrote {out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
