@@ -174,12 +174,34 @@ def bench_pool(sizes: list[int], draw: int) -> list[dict]:
     return rows
 
 
+def profile(model, tok, amp, out: Path) -> dict:
+    """What bounds sampling and training: torch.profiler's top operators for one sampling batch (64 rows) and one
+    LoRA training step (32 rows), and the bf16/fp32 matmul rate at the shapes a decoding step actually runs."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    inf = inference_model(model, amp)
+    reqs = [(None, p) for p in prompts(64)]
+    settings = SampleSettings(1.0, 1.0, 16, 16, 64, 64)
+    sample(inf, tok, Template(), reqs[:8], settings, seed=0)
+    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+        sample(inf, tok, Template(), reqs, settings, seed=0)
+    text = "## sampling: 64 rows x 16 new tokens\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    dt = torch.bfloat16 if amp is not None else torch.float32
+    shapes = {"decode MLP [64x576]@[576x1536]": (64, 576, 1536), "decode head [64x576]@[576x49152]": (64, 576, 49152),
+              "decode attention proj [64x576]@[576x576]": (64, 576, 576), "training MLP [2048x576]@[576x1536]": (2048, 576, 1536)}
+    rates = {k: round(matmul_gflops(*v, dt), 1) for k, v in shapes.items()}
+    text += "\n## matmul GFLOP/s at the model's shapes (" + str(dt) + ")\n" + "\n".join(f"{k}: {v}" for k, v in rates.items())
+    out.write_text(text + "\n")
+    return rates
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: a one-minute check that everything runs")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default=str(ROOT / "results" / "throughput.json"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); roofline and workloads use the same")
+    ap.add_argument("--profile", action="store_true", help="only profile sampling and write results/throughput_profile.txt")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,9 +209,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     res = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "load_average_at_start": os.getloadavg()[0]}, "model": args.model}
-    res["roofline"] = roof = roofline(args.quick)
     model, tok = models.load_model(args.model), models.load_tokenizer(args.model)
     tok.padding_side = "left"
+    if args.profile:
+        rates = profile(model, tok, models.autocast_dtype("auto", torch.device("cpu")), ROOT / "results" / "throughput_profile.txt")
+        print(json.dumps(rates, indent=1))
+        return 0
+    res["roofline"] = roof = roofline(args.quick)
     n = dense_params(model)
     res["dense_params"] = n
     amp = models.autocast_dtype("auto", torch.device("cpu"))

@@ -137,6 +137,8 @@ class ALTConfig:
     min_new_tokens: int = _f(3, "Minimum new tokens.")
     max_new_tokens: int = _f(20, "Maximum new tokens (hitting it mid-sentence marks a completion truncated).")
     sample_batch_size: int = _f(64, "Prompts per generate call.")
+    sampler: str = _f("hf", "hf: altlm's KV-cached sampler on the policy (CPU or GPU); vllm: vLLM on a CUDA GPU (pip install 'altlm[vllm]'), restarted on the trained weights each iteration and checked against them.", choices=["hf", "vllm"])
+    vllm_gpu_memory_utilization: float = _f(0.3, "sampler=vllm: share of GPU memory vLLM may take (the policy trains on the same GPU).")
     # --- evaluation ---
     eval_temperature: float = _f(1.0, "Evaluation sampling temperature (also `altlm generate`'s default).")
     eval_top_p: float = _f(0.9, "Evaluation top-p (paper: 0.9).")

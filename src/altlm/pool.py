@@ -217,8 +217,19 @@ class Pool:
             out |= {r[0] for r in self.db.execute(f"SELECT id FROM samples WHERE id IN ({','.join('?' * len(chunk))}) AND {ACTIVE}", chunk)}
         return out
 
-    def draw_balanced(self, per_bucket: int, num_buckets: int, rng: random.Random) -> list[Row]:
-        return balanced_draw(self.rows(), per_bucket, num_buckets, rng)
+    def draw_balanced(self, per_bucket: int, num_buckets: int, rng: random.Random, group: bool = False) -> list[Row]:
+        """The per-prompt regime's draw (balanced_draw). `group`: prompts in random order, each prompt's rows kept
+        together, so a training batch holds one prompt under its different feedback (contrastive batches: each
+        step sees what the feedback changes with the prompt held fixed)."""
+        rows = balanced_draw(self.rows(), per_bucket, num_buckets, rng)
+        if not group:
+            return rows
+        groups: dict[int, list[Row]] = {}
+        for r in rows:
+            groups.setdefault(r.prompt_id, []).append(r)
+        order = list(groups)
+        rng.shuffle(order)
+        return [r for pid in order for r in groups[pid]]
 
 
 def balanced_draw(rows: list[Row], per_bucket: int, num_buckets: int, rng: random.Random) -> list[Row]:

@@ -33,6 +33,7 @@ from .pool import Pool, Row
 from .report import open_trackers
 from .sampler import Sample, SampleSettings, inference_model, sample
 from .template import Template
+from .vllm_sampler import VLLMSampler
 
 FEEDBACK_CHUNK = 256  # samples scored (and staged) at once: a kill loses at most one chunk of judge calls
 
@@ -78,12 +79,12 @@ class ALTTrainer:
         if self.progress.step:  # eval phase: the trained weights; train phase: checked here, loaded with the optimiser
             runfolder.load_snapshot(self.run, self.progress.step, self.model, None)
         self.device = self.procs.device
-        self.model.to(self.device)
-        if self.ref_model is not None:
-            self.ref_model.to(self.device)
+        for m in filter(None, (self.model, self.ref_model)):
+            m.to(self.device)
         # DDP wraps only the training forward; everything else (sampling, saving, the reference) uses self.model.
         self.ddp = self.model if self.procs.world == 1 else torch.nn.parallel.DistributedDataParallel(self.model)
         self.amp = models.autocast_dtype(cfg.precision, self.device)
+        self.vllm = VLLMSampler.for_run(cfg, self.run, self.procs.world)  # None unless sampler=vllm
         self.fluency = evaluation.Fluency(cfg.perplexity_model, self.amp) if cfg.perplexity_model else None
         if self.procs.main:  # the only writer; the other processes read the pool once it is there
             self.pool = runfolder.open_run(self.run, cfg.to_dict(), self.progress, resume)
@@ -120,9 +121,7 @@ class ALTTrainer:
                           model=self.ref_model or self.model)
             self.save_progress(phase="sample")
         if cfg.seed_pool and self.pool.count("iteration = 0") == 0:
-            if self.procs.main:
-                self.seed_pool()
-            self.procs.wait()
+            self.seed_pool()
         for it in range(self.progress.iteration_done + 1, cfg.iterations + 1):
             rng = random.Random(cfg.seed * 100_003 + it)
 
@@ -133,14 +132,8 @@ class ALTTrainer:
             # LMU spreads its several exemplar sentences over the prompts; RM/LMC have one exemplar.
             conditioned = [(rng.choice(exemplars) if exemplars else None, p) for _, p in requests]
             if self.progress.phase == "sample":
-                # (Without a separate reference_model, the untrained policy *is* the reference at iteration 1.)
-                sampler_model = self.ref_model if (it == 1 and self.ref_model is not None) else self.model
                 staged = self.pool.staged(it)  # what a killed attempt at this iteration already sampled and scored
-                samples = sample(inference_model(sampler_model, self.amp), self.tokenizer, self.template, conditioned,
-                                 self.train_settings, self.added_ids, seed=cfg.seed * 100_003 + it, desc=f"iter {it} sampling",
-                                 done={i: Sample(**s) for i, (s, _) in staged.items()}, shard=(self.procs.rank, self.procs.world),
-                                 on_batch=(lambda b: self._stage(it, b)) if self.procs.main else None)
-                samples = self._gathered(it, samples, self._stage)
+                samples = self.sample_round(it, conditioned, {i: Sample(**s) for i, (s, _) in staged.items()})
 
                 # 2. Feedback: RM gives a score per sample (its words come from the pool's quantiles, step 3);
                 #    an LLM judge gives the words itself. Samples it could not judge are kept, marked invalid.
@@ -221,6 +214,24 @@ class ALTTrainer:
         self.track(it, {"pool/score_mean": record["sample_score_mean"], "pool/size": record["pool_size"], "pool/invalid": record["invalid"]})
         return record
 
+    def sample_round(self, it: int, conditioned: list, done: dict[int, Sample]) -> list[Sample]:
+        """Step 1's samples: HF (batches dealt out over the processes, each staged as it finishes), or vLLM, restarted
+        on the current weights and checked against them first. `done`: what a killed attempt already staged."""
+        # (Without a separate reference_model, the untrained policy *is* the reference at iteration 1.)
+        model, seed = self.ref_model if (it == 1 and self.ref_model is not None) else self.model, self.cfg.seed * 100_003 + it
+        if self.vllm is None:
+            out = sample(inference_model(model, self.amp), self.tokenizer, self.template, conditioned, self.train_settings,
+                         self.added_ids, seed=seed, desc=f"iter {it} sampling", done=done, shard=(self.procs.rank, self.procs.world),
+                         on_batch=(lambda b: self._stage(it, b)) if self.procs.main else None)
+            return self._gathered(it, out, self._stage)
+        self.vllm.sync(model, self.tokenizer)
+        self.vllm.check(model, self.tokenizer, self.template, conditioned[:8], self.train_settings)
+        todo = [i for i in range(len(conditioned)) if i not in done]
+        new = self.vllm.sample(self.tokenizer, self.template, [conditioned[i] for i in todo], self.train_settings, self.added_ids, seed)
+        self._stage(it, list(zip(todo, new)))
+        done = {**done, **dict(zip(todo, new))}
+        return [done[i] for i in range(len(conditioned))]
+
     def _stage(self, it: int, batch: list[tuple[int, Sample]]) -> None:
         self.pool.stage(it, [(i, dataclasses.asdict(s)) for i, s in batch])
         runfolder.failpoint("sample")
@@ -272,17 +283,16 @@ class ALTTrainer:
         return best + [w for w in worst if w not in best]
 
     def seed_pool(self) -> None:
-        """Iteration-0 rows: each training prompt's original continuation, scored like any sample."""
-        conts = self.prompts.continuations
-        pids = [i for i, p in enumerate(self.prompts.train) if p in conts]
-        prompts = [self.prompts.train[i] for i in pids]
-        texts = [conts[p] for p in prompts]
-        fbs = self.feedback(prompts, texts)
-        tok = self.tokenizer
-        # token counts as the sampler records them: conditioned input (none here) and the body without EOS
-        self.pool.add([Row(0, pid, p, c, None, f.score, None, len(c.split()) >= CONTINUATION_WORDS,
-                           len(self.template.input_ids(tok, None, p)), len(tok(c, add_special_tokens=False).input_ids), f.valid)
-                       for pid, p, c, f in zip(pids, prompts, texts, fbs)])
+        """Iteration-0 rows (main process): each training prompt's original continuation, scored like any sample."""
+        if self.procs.main:
+            pids = [i for i, p in enumerate(self.prompts.train) if p in self.prompts.continuations]
+            prompts, tok = [self.prompts.train[i] for i in pids], self.tokenizer
+            texts = [self.prompts.continuations[p] for p in prompts]
+            # token counts as the sampler records them: conditioned input (none here) and the body without EOS
+            self.pool.add([Row(0, pid, p, c, None, f.score, None, len(c.split()) >= CONTINUATION_WORDS,
+                               len(self.template.input_ids(tok, None, p)), len(tok(c, add_special_tokens=False).input_ids), f.valid)
+                           for pid, p, c, f in zip(pids, prompts, texts, self.feedback(prompts, texts))])
+        self.procs.wait()
 
     def train_phase(self, it: int) -> dict:
         """Optimiser steps on rows drawn from the pool; from `progress.step` on when resuming (its snapshot)."""
@@ -292,15 +302,7 @@ class ALTTrainer:
         if cfg.quantiles == "global":
             rows = self.pool.draw_uniform(cfg.train_steps * cfg.batch_size, rng)
         else:
-            rows = self.pool.draw_balanced(cfg.per_bucket, self.n_buckets, rng)
-            # Shuffle prompts, not rows: a prompt's samples under their different feedback stay in one batch
-            # (contrastive batches), so each step sees what the feedback changes with the prompt held fixed.
-            groups: dict[int, list[Row]] = {}
-            for r in rows:
-                groups.setdefault(r.prompt_id, []).append(r)
-            order = list(groups)
-            rng.shuffle(order)
-            rows = [r for pid in order for r in groups[pid]]
+            rows = self.pool.draw_balanced(cfg.per_bucket, self.n_buckets, rng, group=True)
             if cfg.train_steps:
                 rows = rows[:cfg.train_steps * cfg.batch_size]
         steps = math.ceil(len(rows) / cfg.batch_size)
