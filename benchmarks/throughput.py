@@ -186,6 +186,10 @@ def profile(model, tok, amp, out: Path) -> dict:
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
         sample(inf, tok, Template(), reqs, settings, seed=0)
     text = "## sampling: 64 rows x 16 new tokens\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+        bench_training(model, tok, amp, "lora", [16], 1, dense_params(model), kl=True)
+    text += "\n## one LoRA training run: 16 rows, warm-up step + 1 timed step, KL on\n" + \
+        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
     dt = torch.bfloat16 if amp is not None else torch.float32
     shapes = {"decode MLP [64x576]@[576x1536]": (64, 576, 1536), "decode head [64x576]@[576x49152]": (64, 576, 49152),
               "decode attention proj [64x576]@[576x576]": (64, 576, 576), "training MLP [2048x576]@[576x1536]": (2048, 576, 1536)}
