@@ -100,6 +100,7 @@ def bench_training(model, tok, amp, mode: str, batches: list[int], steps: int, n
 
     m = models.prepare_for_training(copy.deepcopy(model), mode, 0.3, lora, [])
     models.contiguous_lm_head(m)
+    models.cast_frozen_linears(m, amp if mode == "lora" else None)  # as the trainer does
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     texts = prompts(max(batches))

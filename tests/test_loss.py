@@ -220,3 +220,35 @@ def test_gradient_flows(fresh_tiny):
     assert grads["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
     assert grads["model.layers.1.mlp.down_proj.weight"].abs().sum() > 0
     assert grads["model.embed_tokens.weight"].abs().sum() > 0
+
+
+def test_frozen_linears_in_bf16_give_the_same_lora_step(fresh_tiny):
+    """cast_frozen_linears stores what autocast would compute anyway: loss and LoRA gradients are bitwise equal."""
+    import copy
+
+    from altlm import models
+    from altlm.loss import alt_loss, target_logits
+
+    model, tok = fresh_tiny
+    lora = dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], layers=1.0)
+    a = models.prepare_for_training(model, "lora", 0.3, lora, [])
+    torch.manual_seed(0)
+    for n, p in a.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.02)  # B starts at zero: give the adapter something to say
+    b = copy.deepcopy(a)
+    assert models.cast_frozen_linears(b, torch.bfloat16) > 0
+    assert models.cast_frozen_linears(b, None) == 0
+    inputs = [tok("The weather today").input_ids, tok("Once upon a time there").input_ids]
+    targets = [tok(" is fine and warm").input_ids, tok(" was a cat").input_ids]
+    out = []
+    for m in (a, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, tgt, mask = target_logits(m, inputs, targets, tok.pad_token_id)
+            with torch.no_grad(), m.disable_adapter():
+                ref = target_logits(m, inputs, targets, tok.pad_token_id)[0]
+        loss, _ = alt_loss(logits, tgt, mask, ref, 0.05, 0.06)
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+    assert torch.equal(out[0][0], out[1][0])
+    assert out[0][1].keys() == out[1][1].keys() and all(torch.equal(out[0][1][k], out[1][1][k]) for k in out[0][1])

@@ -207,6 +207,21 @@ def prepare_for_training(model, mode: str, top_fraction: float, lora: dict, new_
     raise AltlmError(f"training_mode '{mode}' is not one of lora, full, top_fraction")
 
 
+def cast_frozen_linears(model, dtype: torch.dtype | None) -> int:
+    """LoRA under autocast: store the frozen linear weights of the blocks in the compute dtype once. Autocast would
+    cast them to it at every forward (policy and reference): 13% of a LoRA step on this CPU (throughput profile).
+    It computes the same values, so training is unchanged; the embeddings and the tied head stay fp32. Returns the
+    number of weights cast."""
+    head, n = model.get_output_embeddings(), 0
+    if dtype is None:  # fp32 compute, or not LoRA (every weight trains, in fp32)
+        return 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad and m.weight.dtype != dtype:
+            m.weight.data = m.weight.data.to(dtype)
+            n += 1
+    return n
+
+
 def contiguous_lm_head(model) -> None:
     """Make the LM head's input contiguous. `logits_to_keep` hands it a strided slice of the hidden states, for
     which CPU `linear` falls back to a batched matmul that copies the whole head per row (measured: 1.35 s vs

@@ -47,7 +47,7 @@ def inference_model(model, dtype=None):
     would re-cast every weight at every decoding step; a cast copy costs one deepcopy per sampling phase."""
     m = copy.deepcopy(model)
     if hasattr(m, "merge_and_unload"):
-        m = m.merge_and_unload()
+        m = m.float().merge_and_unload()  # merge in fp32 (frozen weights may be stored in bf16), then cast once
     if dtype is not None:
         m = m.to(dtype)
     contiguous_lm_head(m)

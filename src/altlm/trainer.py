@@ -72,8 +72,7 @@ class ALTTrainer:
         self.model = models.prepare_for_training(base, cfg.training_mode, cfg.top_fraction, lora, self.added_ids)
         models.contiguous_lm_head(self.model)
         models.check_context(base, cfg.model, cfg.max_prompt_tokens + cfg.max_new_tokens)
-        if resume:
-            runfolder.recover_checkpoint(self.run / "checkpoint")
+        runfolder.recover_checkpoint(self.run / "checkpoint")  # (a no-op unless a kill hit checkpoint.save)
         if self.progress.iteration_done:
             checkpoint.load_weights(self.model, self.run / "checkpoint", cfg.training_mode == "lora")
         if self.progress.step:  # eval phase: the trained weights; train phase: checked here, loaded with the optimiser
@@ -84,6 +83,7 @@ class ALTTrainer:
         # DDP wraps only the training forward; everything else (sampling, saving, the reference) uses self.model.
         self.ddp = self.model if self.procs.world == 1 else torch.nn.parallel.DistributedDataParallel(self.model)
         self.amp = models.autocast_dtype(cfg.precision, self.device)
+        models.cast_frozen_linears(self.model, self.amp if cfg.training_mode == "lora" else None)
         self.vllm = VLLMSampler.for_run(cfg, self.run, self.procs.world)  # None unless sampler=vllm
         self.fluency = evaluation.Fluency(cfg.perplexity_model, self.amp) if cfg.perplexity_model else None
         if self.procs.main:  # the only writer; the other processes read the pool once it is there
