@@ -70,7 +70,7 @@ def task_config(task: str, s: Sizes, threads: int):
     return load_config("toxicity-offline", over)
 
 
-def run_task(task: str, s: Sizes, methods: list[str], work: Path, threads: int) -> dict:
+def run_task(task: str, s: Sizes, methods: list[str], work: Path, threads: int, on_method=None) -> dict:
     cfg = task_config(task, s, threads)
     h = B.Harness.build(cfg)
     res = {"task": task, "metric": h.metric, "higher_is_better": h.scorer.higher_is_better, "methods": {}, "seconds": {},
@@ -95,6 +95,8 @@ def run_task(task: str, s: Sizes, methods: list[str], work: Path, threads: int) 
             raise AltlmError(f"unknown method '{m}' ({', '.join(METHODS)})")
         res["methods"][m] = pts
         res["seconds"][m] = round(time.time() - t, 1)
+        if on_method is not None:  # partial results survive a run cut short
+            on_method({**res, "targets": targets(res)})
         print(f"   {m}: {round(time.time() - t)} s; " + "; ".join(f"{p['samples']}: {p[f'{h.metric}_mean']:.4f}" for p in pts), flush=True)
     if res["reference"] is None:
         res["reference"] = h.evaluate(h.policy(), 0, "reference")
@@ -143,6 +145,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600
     os.replace(tmp, path)
 
 
@@ -157,10 +160,10 @@ def markdown(results: list[dict], meta: dict) -> str:
         m = r["metric"]
         lines += [f"## {r['task']} ({'higher' if r['higher_is_better'] else 'lower'} is better)", "",
                   f"| method | samples | {m} mean | share > 0.5 | perplexity | dist-2 |", "|---|---|---|---|---|---|"]
-        ref = r["reference"]
+        ref = r["reference"] or {f"{m}_mean": None, f"{m}_gt_0_5": None, "perplexity": None, "dist_2": None}
         lines.append(f"| reference | 0 | {_fmt(ref[f'{m}_mean'])} | {_fmt(ref[f'{m}_gt_0_5'], '.3f')} | {_fmt(ref['perplexity'], '.1f')} | {_fmt(ref['dist_2'], '.3f')} |")
         for k, pts in r["methods"].items():
-            for p in pts:
+            for p in pts:  # noqa: B007
                 lines.append(f"| {LABELS[k]} | {p['samples']} | {_fmt(p[f'{m}_mean'])} | {_fmt(p[f'{m}_gt_0_5'], '.3f')} | "
                              f"{_fmt(p['perplexity'], '.1f')} | {_fmt(p['dist_2'], '.3f')} |")
         lines += ["", "Seconds per method: " + ", ".join(f"{LABELS[k]} {v:.0f}" for k, v in r["seconds"].items()), "",
@@ -182,7 +185,7 @@ def plot(results: list[dict], path: Path) -> None:
             key = f"{m}_{c}" if c in ("mean", "gt_0_5") else c
             for k, pts in r["methods"].items():
                 xs = [0] + [p["samples"] for p in pts]
-                ys = [r["reference"][key]] + [p[key] for p in pts]
+                ys = [(r["reference"] or {}).get(key)] + [p[key] for p in pts]
                 ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", ms=3, label=LABELS[k])
             ax.set_title(f"{r['task']}: {m + ' ' if c in ('mean', 'gt_0_5') else ''}{title}", fontsize=9)
             ax.set_xlabel("samples generated")
@@ -193,6 +196,7 @@ def plot(results: list[dict], path: Path) -> None:
     os.close(fd)
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -235,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(a.work or tmp)
             for task in tasks:
                 sizes = s if (task == "toxicity" or a.quick) else dataclasses.replace(s, budgets=sent_budgets)
-                results.append(run_task(task, sizes, methods, work, a.threads))
+                results.append(run_task(task, sizes, methods, work, a.threads,
+                                        on_method=lambda r: write_outputs(out, results + [r], s, t0, argv, sent_budgets)))
                 write_outputs(out, results, s, t0, argv, sent_budgets)  # after each task: a long run keeps what it has
     except AltlmError as e:
         print(f"sample_efficiency: {e}", file=sys.stderr)
