@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import tempfile
 import threading
 import time
@@ -23,6 +22,8 @@ import pytest
 import torch
 import yaml
 from conftest import run_altlm
+from test_llm_feedback import ScriptedJudge
+from test_train_smoke import pool_rows as pool
 
 # datasets reads its cache location once, at import: keep the fixtures' arrow caches out of the user's cache.
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="altlm-test-datasets-"))
@@ -197,47 +198,6 @@ def judge_answer(question: str) -> str:
     return "Label: " + cats[h % len(cats)]
 
 
-class FakeJudge:
-    """An OpenAI-compatible chat-completions endpoint on 127.0.0.1 answering with `judge_answer`."""
-
-    def __init__(self):
-        self.requests = 0
-        outer = self
-
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def _send(self, body: bytes):
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):  # the judge checks the endpoint (GET /models) before a run starts
-                self._send(json.dumps({"object": "list", "data": [{"id": "scripted", "object": "model"}]}).encode())
-
-            def do_POST(self):
-                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests += 1
-                body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "scripted",
-                                   "choices": [{"index": 0, "message": {"role": "assistant", "content": judge_answer(req["messages"][-1]["content"])},
-                                                "finish_reason": "stop"}],
-                                   "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}}).encode()
-                self._send(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
@@ -266,7 +226,7 @@ def perspective():
 
 @pytest.fixture(scope="module")
 def judge():
-    j = FakeJudge()
+    j = ScriptedJudge(answer=judge_answer)  # test_llm_feedback's OpenAI-compatible server
     yield j
     j.close()
 
@@ -282,14 +242,6 @@ def train(recipe: str, run: Path, *overrides: str) -> None:
     rc = main(["train", "--config", recipe, f"output_dir={run}", *TINY, *overrides])
     assert rc == 0
     assert json.loads((run / "state.json").read_text())["finished"] is True
-
-
-def pool(run: Path) -> list[dict]:
-    db = sqlite3.connect(f"file:{run / 'pool.sqlite'}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    rows = [dict(r) for r in db.execute("SELECT * FROM samples ORDER BY id")]
-    db.close()
-    return rows
 
 
 # ------------------------------------------------------------------------------------ recipes: listing, dry run

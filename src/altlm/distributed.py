@@ -11,7 +11,7 @@ Evaluation runs on the main process. The run folder must be on a filesystem ever
 from __future__ import annotations
 
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import gather_object
 
 
 class Processes:
@@ -36,14 +36,6 @@ class Processes:
         for d in gather_object([part]):
             out.update(d)
         return out
-
-    def from_main(self, obj):
-        """The main process's `obj`, on every process."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
 
     def sum(self, values: list[float]) -> list[float]:
         if self.world == 1:

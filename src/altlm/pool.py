@@ -177,44 +177,31 @@ class Pool:
 
     def draw_uniform(self, n: int, rng: random.Random) -> list[Row]:
         """Global regime: n rows uniformly from the active, valid pool (with replacement only if n > pool).
-        Row ids are drawn from the id range and the active ones kept (rejection sampling, a few rounds), so a
-        draw reads about n rows whether the pool holds 10³ or 10⁶; a pool that is mostly retired or smaller
-        than n falls back to listing its active ids."""
+        Row ids are drawn from the id range and the active rows among them kept (rejection sampling, a few rounds),
+        so a draw reads about 2n rows whether the pool holds 10³ or 10⁶; a pool that is mostly retired or smaller
+        than n is read whole."""
         lo = self.db.execute("SELECT MIN(id) FROM samples").fetchone()[0]  # (one aggregate per query: O(log n))
         hi = self.db.execute("SELECT MAX(id) FROM samples").fetchone()[0]
         if lo is None:
             return []
-        picks, seen = [], set()
+        picks, found = [], {}
         for _ in range(4):
             cand = [rng.randint(lo, hi) for _ in range(2 * (n - len(picks)))]
-            ok = self._active_ids(cand)
+            for start in range(0, len(cand), 500):  # SQLite caps the number of bound parameters
+                chunk = cand[start:start + 500]
+                found.update((r.id, r) for r in self.rows(f"id IN ({','.join('?' * len(chunk))}) AND {ACTIVE}", tuple(chunk)))
+            chosen = set(picks)
             for i in cand:
-                if i in ok and i not in seen and len(picks) < n:
-                    seen.add(i)
+                if i in found and i not in chosen and len(picks) < n:
+                    chosen.add(i)
                     picks.append(i)
             if len(picks) == n:
-                break
-        else:
-            ids = [r[0] for r in self.db.execute(f"SELECT id FROM samples WHERE {ACTIVE} ORDER BY id")]
-            if not ids:
-                return []
-            if n <= len(ids):
-                picks = rng.sample(ids, n)
-            else:
-                picks = ids + [rng.choice(ids) for _ in range(n - len(ids))]
-                rng.shuffle(picks)
-        by_id = {}
-        for start in range(0, len(picks), 500):  # SQLite caps the number of bound parameters
-            chunk = sorted(set(picks[start:start + 500]))
-            for r in self.rows(f"id IN ({','.join('?' * len(chunk))})", tuple(chunk)):
-                by_id[r.id] = r
-        return [by_id[i] for i in picks]
-
-    def _active_ids(self, ids: list[int]) -> set[int]:
-        out = set()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            out |= {r[0] for r in self.db.execute(f"SELECT id FROM samples WHERE id IN ({','.join('?' * len(chunk))}) AND {ACTIVE}", chunk)}
+                return [found[i] for i in picks]
+        rows = self.rows()
+        if n <= len(rows) or not rows:
+            return rng.sample(rows, n) if rows else []
+        out = rows + [rng.choice(rows) for _ in range(n - len(rows))]
+        rng.shuffle(out)
         return out
 
     def draw_balanced(self, per_bucket: int, num_buckets: int, rng: random.Random, group: bool = False) -> list[Row]:

@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from .errors import AltlmError
+from .evaluation import write_json
 
 LOGS = ("metrics.jsonl", "eval_samples.jsonl")
 PHASES = ("reference", "sample", "train", "eval")
@@ -102,15 +103,8 @@ def open_run(run: Path, config: dict, progress: Progress, resume: bool):
         cut_logs(run, progress.files)
         pool = Pool(run / "pool.sqlite")
         pool.rollback(progress.iteration_done + (progress.phase in ("train", "eval")) + 1)
-    write_state(run, progress)
+    write_json(run / "state.json", progress.to_dict())  # a readable copy; pool.sqlite's is the one resume trusts
     return pool
-
-
-def write_state(run: Path, progress: Progress) -> None:
-    """state.json: the progress record for people and scripts (pool.sqlite's copy is the one resume trusts)."""
-    tmp = run / "state.json.tmp"
-    tmp.write_text(json.dumps(progress.to_dict(), indent=2))
-    os.replace(tmp, run / "state.json")
 
 
 def log_sizes(run: Path) -> dict:

@@ -105,7 +105,7 @@ class ALTTrainer:
         if not self.procs.main:  # every process keeps the same phase and step; the main one writes them
             return
         self.pool.set_progress(self.progress.to_dict())
-        runfolder.write_state(self.run, self.progress)
+        evaluation.write_json(self.run / "state.json", self.progress.to_dict())
 
     def track(self, step: int, values: dict) -> None:
         if self.tracker is not None:
@@ -337,7 +337,7 @@ class ALTTrainer:
             # step is one process's step on the whole batch.
             denom = None if world == 1 else self.procs.sum([0.0 if filler else float(mask.sum())])[0] / world
             loss, stats = alt_loss(logits, tgt, mask, ref_logits, cfg.kl_coef, cfg.entropy_coef, cfg.kl_direction, self.vocab_size, denom)
-            loss, finite, loss_value = loss * (0.0 if filler else 1.0), bool(torch.isfinite(loss)), loss.item()
+            finite, loss_value, loss = bool(torch.isfinite(loss)), loss.item(), (loss * 0.0 if filler else loss)
             if world > 1:  # all processes take or skip the step together; log the whole batch's numbers
                 n = 0 if filler else stats["tokens"]
                 ok, loss_value, *s = self.procs.sum([float(finite), loss_value * (not filler)] + [stats[k] * n for k in ("nll", "kl", "entropy")] + [n])

@@ -1,6 +1,8 @@
 """The feedback-provider interface: what every scorer and feedback source returns."""
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -38,3 +40,20 @@ class FeedbackProvider(Protocol):
     relative: bool
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[Feedback]: ...
+
+
+class RateLimiter:
+    """At most `per_second` calls of `wait()` per second across threads (0 = unlimited): each caller reserves the
+    next free slot under a lock, then sleeps outside it until that slot comes."""
+
+    def __init__(self, per_second: float):
+        self.per_second, self._next, self._lock = per_second, 0.0, threading.Lock()
+
+    def wait(self) -> None:
+        if self.per_second <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + 1.0 / self.per_second
+        time.sleep(max(0.0, slot - now))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AltlmError
+from .base import RateLimiter
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Judge:
     def __init__(self, settings: JudgeSettings, cache_path: Path | None, template_hash: str):
         self.s, self.stats, self.template_hash = settings, JudgeStats(), template_hash
         self.cache = Cache(cache_path) if cache_path else None
-        self._next_slot, self._rate_lock = 0.0, threading.Lock()
+        self._limit, self._count_lock = RateLimiter(settings.requests_per_second), threading.Lock()
         if settings.backend == "openai":
             self._client = self._openai_client()
         else:
@@ -131,18 +132,9 @@ class Judge:
             raise AltlmError(f"judge endpoint {s.base_url} is unreachable or refused the key ({type(e).__name__}); start the server or fix judge_base_url") from None
         return client
 
-    def _throttle(self) -> None:
-        if self.s.requests_per_second <= 0:
-            return
-        with self._rate_lock:
-            now = time.monotonic()
-            slot = max(now, self._next_slot)
-            self._next_slot = slot + 1.0 / self.s.requests_per_second
-        time.sleep(max(0.0, slot - now))
-
     def _add(self, error: str | None = None, **counts: int) -> None:
         """Add to the counters; endpoint calls run in a thread pool, and `+=` on shared state can lose updates."""
-        with self._rate_lock:
+        with self._count_lock:
             for k, n in counts.items():
                 setattr(self.stats, k, getattr(self.stats, k) + n)
             if error:
@@ -154,7 +146,7 @@ class Judge:
 
         s = self.s
         for attempt in range(s.max_retries + 1):
-            self._throttle()
+            self._limit.wait()
             self._add(requests=1)
             try:
                 r = self._client.chat.completions.create(model=s.model, messages=messages, temperature=s.temperature,

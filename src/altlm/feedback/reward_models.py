@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import AltlmError
+from .base import RateLimiter
 
 _FIELD = re.compile(r"\{(prompt|completion)\}")
 
@@ -39,6 +40,14 @@ _FIELD = re.compile(r"\{(prompt|completion)\}")
 def render(fmt: str, prompt: str, completion: str) -> str:
     """`reward_text_format` with {prompt} and {completion} filled in one pass (a prompt may contain either)."""
     return _FIELD.sub(lambda m: prompt if m.group(1) == "prompt" else completion, fmt)
+
+
+def _encoded_batches(scorer, prompts: Sequence[str], completions: Sequence[str]):
+    """(prompt, completion) rendered with the scorer's text_format, tokenised batch by batch onto its device."""
+    texts = [render(scorer.text_format, p, c) for p, c in zip(prompts, completions)]
+    for s in range(0, len(texts), scorer.batch_size):
+        yield scorer.tokenizer(texts[s:s + scorer.batch_size], return_tensors="pt", padding=True, truncation=True,
+                               max_length=scorer.max_tokens).to(scorer.device)
 
 
 def _device_and_dtype():
@@ -96,11 +105,8 @@ class HFClassifierScorer:
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         import torch
 
-        texts = [render(self.text_format, p, c) for p, c in zip(prompts, completions)]
         out: list[float] = []
-        for s in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[s:s + self.batch_size], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_tokens).to(self.device)
+        for enc in _encoded_batches(self, prompts, completions):
             with torch.no_grad():
                 logits = self.model(**enc).logits.float()
             if self.activation == "sigmoid":
@@ -191,11 +197,8 @@ class ValueHeadScorer:
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         import torch
 
-        texts = [render(self.text_format, p, c) for p, c in zip(prompts, completions)]
         out: list[float] = []
-        for s in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[s:s + self.batch_size], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_tokens).to(self.device)
+        for enc in _encoded_batches(self, prompts, completions):
             with torch.no_grad():
                 hidden = self.backbone(**enc).last_hidden_state
                 values = self.v_head(hidden).squeeze(-1).float()
@@ -221,22 +224,11 @@ class PerspectiveScorer:
         self.attribute, self.rps, self.max_retries, self.timeout, self.backoff = attribute, requests_per_second, max_retries, timeout, backoff
         self.name = "toxicity" if attribute == "TOXICITY" else attribute.lower()
         self.workers = max(1, min(max_workers, math.ceil(requests_per_second) if requests_per_second else max_workers))
-        self._lock = threading.Lock()
-        self._next = 0.0
+        self._lock, self._limit = threading.Lock(), RateLimiter(requests_per_second)
         self.requests = self.retries = self.failures = 0
 
     def __repr__(self) -> str:  # never show the key, even in a debugger or a traceback's locals
         return f"PerspectiveScorer(url={self.url!r}, attribute={self.attribute!r})"
-
-    def _throttle(self) -> None:
-        if not self.rps:
-            return
-        with self._lock:
-            now = time.monotonic()
-            wait = self._next - now
-            self._next = max(now, self._next) + 1.0 / self.rps
-        if wait > 0:
-            time.sleep(wait)
 
     def _one(self, text: str) -> float:
         if not text.strip():
@@ -249,7 +241,7 @@ class PerspectiveScorer:
                 with self._lock:
                     self.retries += 1
                 time.sleep(min(30.0, self.backoff * 2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
-            self._throttle()
+            self._limit.wait()
             req = urllib.request.Request(self.url, data=body, method="POST",
                                          headers={"Content-Type": "application/json", "X-Goog-Api-Key": self._key})
             with self._lock:
