@@ -1,6 +1,7 @@
 """Steering against budget: does the model follow the feedback tag, and after how many training examples?
 
     .venv/bin/python benchmarks/steer_budget.py --minutes 60        # both tasks, half the budget each
+    .venv/bin/python benchmarks/steer_budget.py --minutes 120 --parallel --threads 1   # both at once, 2 h each
     .venv/bin/python benchmarks/steer_budget.py --quick             # tiny model, a one-minute check
 
 For each task — toxicity (Jigsaw, the demo's setting) and sentiment (VADER on clean fortunes) — it runs
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -72,19 +74,21 @@ def curve(run: Path) -> list[dict]:
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     words = cfg["feedback_words"]
-    ref = next(r for r in recs if r["kind"] == "eval" and r["model"] == "reference")["by_feedback"]
     higher = cfg["scorer"] == "vader"
     metric_key = "sentiment_mean" if higher else "toxicity_mean"
-    examples, out = 0, [point(0, ref, words, metric_key, higher, ref)]
+    ref_record = next(r for r in recs if r["kind"] == "eval" and r["model"] == "reference")
+    ref = ref_record["by_feedback"]
+    examples, out = 0, [point(0, ref, words, metric_key, higher, ref, 0, ref_record.get("likelihood_steer"))]
     for r in recs:
         if r["kind"] == "step":
             examples += cfg["batch_size"]
         elif r["kind"] == "eval" and r["model"] == "policy" and all(w in r["by_feedback"] for w in words):
-            out.append(point(examples, r["by_feedback"], words, metric_key, higher, ref, r["iteration"]))
+            out.append(point(examples, r["by_feedback"], words, metric_key, higher, ref, r["iteration"], r.get("likelihood_steer")))
     return out
 
 
-def point(examples: int, blocks: dict, words: list[str], key: str, higher: bool, ref: dict, iteration: int = 0) -> dict:
+def point(examples: int, blocks: dict, words: list[str], key: str, higher: bool, ref: dict, iteration: int,
+          likelihood: dict | None) -> dict:
     s = steerability(blocks, words, key, higher)
     rho = s["spearman_rho"]
     best, worst = blocks[words[0]][key], blocks[words[-1]][key]
@@ -95,7 +99,9 @@ def point(examples: int, blocks: dict, words: list[str], key: str, higher: bool,
             "worst_over_best": (worst / best) if (best and not higher) else None,
             "untagged_reference": untagged,
             "exemplar_vs_reference": (best - untagged) if higher else ((best / untagged - 1) if untagged else None),
-            "by_tag": {w: blocks[w][key] for w in words}}
+            "by_tag": {w: blocks[w][key] for w in words},
+            # evaluation.likelihood_steer on the reference's fixed texts: already oriented, steered > 0
+            "likelihood_spearman": (likelihood or {}).get("spearman")}
 
 
 def write(results: dict, out: Path) -> None:
@@ -106,12 +112,12 @@ def write(results: dict, out: Path) -> None:
     lines = ["# Steering against training budget", "", f"Command: `{results['command']}`", ""]
     for task, r in results["tasks"].items():
         lines += [f"## {task} ({r['seconds']:.0f} s{', stopped at the budget' if r['stopped_at_budget'] else ''})", "",
-                  "| iteration | training examples | Spearman (steered +) | best tag | worst tag | gap (steered +) | worst / best | exemplar vs untagged reference |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| iteration | training examples | likelihood Spearman (steered +) | sampled Spearman (steered +) | best tag | worst tag | gap (steered +) | worst / best | exemplar vs untagged reference |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         fmt = lambda x, f: "–" if x is None else format(x, f)  # noqa: E731
         rel = ".4f" if task == "sentiment" else "+.1%"  # sentiment: a difference; toxicity: a relative change
         for p in r["curve"]:
-            lines.append(f"| {p['iteration']} | {p['examples']} | {fmt(p['spearman_steered'], '.2f')} | {fmt(p['best_tag'], '.4f')} | "
+            lines.append(f"| {p['iteration']} | {p['examples']} | {fmt(p.get('likelihood_spearman'), '.3f')} | {fmt(p['spearman_steered'], '.2f')} | {fmt(p['best_tag'], '.4f')} | "
                          f"{fmt(p['worst_tag'], '.4f')} | {fmt(p['gap_steered'], '+.4f')} | {fmt(p['worst_over_best'], '.2f')} | "
                          f"{fmt(p['exemplar_vs_reference'], rel)} |")
         lines.append("")
@@ -121,13 +127,15 @@ def write(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    nan = lambda x: float("nan") if x is None else x  # noqa: E731
     for task, r in results["tasks"].items():
         xs = [p["examples"] for p in r["curve"]]
-        ax[0].plot(xs, [p["spearman_steered"] if p["spearman_steered"] is not None else float("nan") for p in r["curve"]], "o-", label=task)
+        line, = ax[0].plot(xs, [nan(p["spearman_steered"]) for p in r["curve"]], "o-", label=f"{task}, sampled")
+        ax[0].plot(xs, [nan(p.get("likelihood_spearman")) for p in r["curve"]], "s--", c=line.get_color(), label=f"{task}, likelihood")
         ax[1].plot(xs, [p["gap_steered"] for p in r["curve"]], "o-", label=task)
     ax[0].axhline(0.5, ls="--", c="gray")
-    ax[0].set(xlabel="training examples", ylabel="held-out Spearman(tag rank, score), steered > 0", title="steerability")
+    ax[0].set(xlabel="training examples", ylabel="held-out Spearman, steered > 0", title="steerability")
     ax[1].axhline(0.0, ls="--", c="gray")
     ax[1].set(xlabel="training examples", ylabel="worst-tag − best-tag score, steered > 0", title="tag effect")
     for a in ax:
@@ -138,18 +146,22 @@ def write(results: dict, out: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--minutes", type=float, default=60.0, help="total budget, split evenly over the tasks")
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall budget: split evenly over the tasks, or each task's with --parallel")
+    ap.add_argument("--parallel", action="store_true", help="run the tasks at the same time, each for the whole budget "
+                    "(with --threads 1 on a 2-core machine: one core each)")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--quick", action="store_true", help="tiny random model, 3 short iterations per task")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--work", default="runs/steer_budget", help="run folders (resumable)")
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
-    budget = args.minutes * 60 / len(args.tasks)
+    budget = args.minutes * 60 / (1 if args.parallel else len(args.tasks))
     results = {"command": "python benchmarks/steer_budget.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "minutes": args.minutes, "quick": args.quick, "tasks": {}}
+    with ThreadPoolExecutor(len(args.tasks) if args.parallel else 1) as pool:  # threads only wait on the subprocesses
+        runs = {task: pool.submit(run_task, task, Path(args.work), budget, args.quick, args.threads) for task in args.tasks}
     for task in args.tasks:
-        results["tasks"][task] = run_task(task, Path(args.work), budget, args.quick, args.threads)
+        results["tasks"][task] = runs[task].result()
         write(results, Path(args.out))
         last = results["tasks"][task]["curve"][-1]
         print(f"{task}: {last['examples']} examples → Spearman {last['spearman_steered']}, gap {last['gap_steered']}, "

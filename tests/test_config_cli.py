@@ -169,6 +169,7 @@ BAD = {
     "empty prompt file": (["train", "--config", "smoke", "prompts=empty.txt"], "no non-empty prompt"),
     "non-UTF-8 prompt file": (["train", "--config", "smoke", "prompts=latin1.txt"], "UTF-8"),
     "unknown model alias": (["train", "--config", "smoke", "model=smolm2-135m"], "did you mean 'smollm2-135m'"),
+    "unknown bos_token": (["train", "--config", "smoke", "bos_token=<|nope|>"], "'bos_token': '<|nope|>' is not a token"),
     "malformed YAML": (["train", "--config", "bad.yaml"], "malformed YAML"),
     "unknown recipe": (["train", "--config", "smok"], "did you mean 'smoke'"),
     "resume non-run": (["train", "--resume", "notarun"], "not an altlm run folder"),

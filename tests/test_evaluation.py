@@ -1,4 +1,4 @@
-"""Fluency (perplexity under a scoring LM) against unpadded forward passes of the tiny model."""
+"""Fluency (perplexity under a scoring LM) against unpadded forward passes of the tiny model; the likelihood steer check."""
 import math
 
 import pytest
@@ -32,3 +32,28 @@ def test_perplexity_matches_unpadded_forward_in_mixed_batches(fluency):
         assert g == pytest.approx(hand_ppl(fluency, p, c), rel=1e-3)
     assert math.isnan(got[3])  # an empty completion has no perplexity
     assert got[0] > 1.0
+
+
+@pytest.mark.parametrize("higher_is_better", [False, True])
+def test_likelihood_steer_sign_and_pairing(tiny, higher_is_better):
+    """Scores built from the Δ the function must compute: ρ = +1 exactly when it subtracts best from worst on the
+    right texts and orients badness by the metric's direction; a swap of any of these gives −1."""
+    from altlm.evaluation import likelihood_steer
+    from altlm.loss import mean_logprobs
+    from altlm.template import Template
+
+    model, tok = tiny
+    t = Template(style="prefix", prefix_format="{feedback}: ")
+    prompts = ["The cat", "A dog said", "Why is the", "Hello there", "I think", "No way"]
+    comps = [" sat on the mat", " hello", " sky blue?", " friend of mine", " so too", " back home"]
+    worst, best = "Bad", "Good"
+    lp = {fb: mean_logprobs(model, [t.input_ids(tok, fb, p) for p in prompts], [t.target_ids(tok, c, True) for c in comps],
+                            tok.pad_token_id) for fb in (worst, best)}
+    delta = [w - b for w, b in zip(lp[worst], lp[best])]
+    samples = [{"prompt": p, "completion": c, "score": -d if higher_is_better else d} for p, c, d in zip(prompts, comps, delta)]
+    samples.append({"prompt": "x", "completion": "", "score": 0.5})  # empty: skipped
+    got = likelihood_steer(model, tok, t, samples, best, worst, higher_is_better)
+    assert got["n"] == 6 and got["spearman"] == 1.0
+    assert got["delta_mean"] == pytest.approx(sum(delta) / 6, abs=1e-4)
+    flipped = likelihood_steer(model, tok, t, samples, worst, best, higher_is_better)
+    assert flipped["spearman"] == -1.0

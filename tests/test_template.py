@@ -131,6 +131,23 @@ def test_no_feedback_is_just_the_prompt(fresh_tiny, style):
     assert t.input_ids(tok, None, TRICKY) == ids(tok, TRICKY)
 
 
+@pytest.mark.parametrize("style,feedback", [("tag_separator", "Lowest Toxicity"), ("prefix", "Good"), ("quark", "<|q0|>")])
+def test_bos_token_goes_first_with_and_without_feedback(fresh_tiny, style, feedback):
+    model, tok = fresh_tiny
+    t = Template(style=style, bos_token="<|endoftext|>")
+    new, init = t.new_tokens(["<|q0|>", "<|q1|>"])
+    if new:
+        models.add_tokens(model, tok, new, init)
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    plain = Template(style=style)
+    assert t.input_ids(tok, None, PROMPT) == [bos] + ids(tok, PROMPT)
+    assert t.input_ids(tok, feedback, PROMPT) == [bos] + plain.input_ids(tok, feedback, PROMPT)
+    # the prompt limit cuts the prompt only, never the BOS or the feedback
+    assert t.input_ids(tok, feedback, PROMPT, max_prompt_tokens=2) == [bos] + plain.input_ids(tok, feedback, PROMPT, 2)
+    # a checkpoint written before the option existed has no bos_token in its template record: none
+    assert Template(**{k: v for k, v in t.to_dict().items() if k != "bos_token"}).input_ids(tok, None, PROMPT) == ids(tok, PROMPT)
+
+
 def test_max_prompt_tokens_cuts_from_the_left(tiny):
     _, tok = tiny
     prompt = "one two three four five six seven eight nine ten eleven twelve"
@@ -185,9 +202,9 @@ def test_eos_always_and_never(tiny, completion, truncated):
 def test_from_config_and_roundtrip():
     from altlm.config import ALTConfig
 
-    cfg = ALTConfig(template="prefix", prefix_format="{feedback}.\n\n", completion_prefix=" ", eos_rule="never")
+    cfg = ALTConfig(template="prefix", prefix_format="{feedback}.\n\n", completion_prefix=" ", eos_rule="never", bos_token="<s>")
     t = Template.from_config(cfg)
-    assert (t.style, t.prefix_format, t.completion_prefix, t.eos_rule) == ("prefix", "{feedback}.\n\n", " ", "never")
+    assert (t.style, t.prefix_format, t.completion_prefix, t.eos_rule, t.bos_token) == ("prefix", "{feedback}.\n\n", " ", "never", "<s>")
     assert Template(**t.to_dict()) == t
 
 

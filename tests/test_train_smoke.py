@@ -67,6 +67,11 @@ def test_smoke_summary(smoke):
     # the summary's final numbers are the exemplar's row
     assert s["final"]["toxicity_mean"] == s["final"]["by_feedback"]["Lowest Toxicity"]["toxicity_mean"]
     assert [it["iteration"] for it in s["iterations"]] == [1, 2]
+    # the noise-free check ran on every scored reference evaluation sample (6 conditions × prompts × k)
+    ls = s["likelihood_steer"]
+    n_ref = sum(1 for e in jsonl(run / "eval_samples.jsonl") if e["model"] == "reference" and e["completion"])
+    assert (ls["best"], ls["worst"], ls["n"]) == ("Lowest Toxicity", "Maximum Toxicity", n_ref) and n_ref >= 3
+    assert ls["spearman"] is None or -1.0 <= ls["spearman"] <= 1.0
     assert "toxicity" in r.stdout  # the table was printed
     state = json.loads((run / "state.json").read_text())
     assert (state["iteration_done"], state["finished"]) == (2, True)

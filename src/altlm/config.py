@@ -113,6 +113,7 @@ class ALTConfig:
     prefix_format: str = _f("{feedback} input: ", "For template=prefix: text before the prompt, with {feedback}. Paper: '{feedback} input: ', 'feedback: {feedback} input: ', '{feedback}.\\n\\n'. With {prompt} the feedback goes around the prompt (Chain-of-Hindsight: '{prompt} {feedback}:').")
     separator_token: str = _f("<|separator|>", "For template=tag_separator: the new token between feedback and prompt (embedding copied from EOS, never sampled).")
     prompt_format: str = _f("{prompt}", "How a prompt is shown to the policy, with {prompt}; e.g. 'Question: {prompt}\\nAnswer:' for dialogue. The pool and the judge keep the bare prompt.")
+    bos_token: str = _f("", "A token put first in every model input, with or without feedback (SmolLM2: '<|endoftext|>', which starts its pretraining documents). The first position is an attention sink whose content models largely ignore; without a fixed token there, a tag's first word lands on it. '' = none.")
     completion_prefix: str = _f("", "Text put before the completion in the training target (TL;DR: ' ').")
     eos_rule: str = _f("unless_truncated", "Append EOS to training targets: unless_truncated (not when the completion hit the token limit mid-sentence), always, never.", choices=["unless_truncated", "always", "never"])
     # --- loop ---

@@ -145,13 +145,39 @@ def steerability(blocks: dict[str, dict], vocabulary: list[str], metric: str, hi
             "steered_sign": -1 if higher_is_better else 1}
 
 
+def likelihood_steer(model, tokenizer, template: Template, samples: list[dict], best: str, worst: str,
+                     higher_is_better: bool, max_prompt_tokens: int | None = None, batch_size: int = 32) -> dict:
+    """Steerability without sampling noise, on fixed scored completions (`samples`: prompt, completion, score —
+    the reference's evaluation samples). Δ = log p(c | worst) − log p(c | best), per token: a model that follows
+    its feedback finds the worse completions relatively likelier under the worst feedback, so Spearman(Δ, badness)
+    > 0 (badness = the score, or −score where higher is better). Sampled steerability needs thousands of samples
+    to see a 0.01 toxicity gap; this costs two forward passes per text, and moves only when the model does."""
+    rows = [r for r in samples if r["completion"] and r.get("score") is not None]
+    if len(rows) < 3:
+        return {"spearman": None, "n": len(rows)}
+    delta = [0.0] * len(rows)
+    for sign, fb in ((1, worst), (-1, best)):
+        for i in range(0, len(rows), batch_size):
+            b = rows[i:i + batch_size]
+            # truncated=True everywhere: no EOS unless a sentence ended, the same target under both feedbacks
+            lps = mean_logprobs(model, [template.input_ids(tokenizer, fb, r["prompt"], max_prompt_tokens) for r in b],
+                                [template.target_ids(tokenizer, r["completion"], True) for r in b], tokenizer.pad_token_id)
+            for j, lp in enumerate(lps):
+                delta[i + j] += sign * lp
+    badness = [-r["score"] if higher_is_better else r["score"] for r in rows]
+    rho = metrics.spearman(delta, badness)
+    return {"spearman": None if rho != rho else round(rho, 4), "n": len(rows), "delta_mean": round(sum(delta) / len(delta), 4),
+            "best": best, "worst": worst}
+
+
 def summarize_run(evals: list[dict], metric: str, higher_is_better: bool, exemplar: str, words: list[str],
                   eval_prompts: int, eval_samples_per_prompt: int, wall: float) -> dict:
     """summary.json from a run's `kind: eval` records: the untagged reference and the reference under each
     feedback (the priming control), the final model under the exemplar, untagged and under each feedback,
     steerability, the exemplar metric per iteration, and the reduction against the untagged reference."""
     ref = next(e for e in evals if e["model"] == "reference")["by_feedback"]
-    final = [e for e in evals if e["model"] == "policy"][-1]["by_feedback"]
+    last = [e for e in evals if e["model"] == "policy"][-1]
+    final = last["by_feedback"]
     words = [w for w in words if w in final]
     keys = [f"{metric}_mean", f"{metric}_gt_0_5", f"avg_max_{metric}", f"{metric}_prob", "dist_2", "reward_mean", "perplexity"]
     pick = lambda m: {k: m.get(k) for k in keys}  # noqa: E731
@@ -162,6 +188,7 @@ def summarize_run(evals: list[dict], metric: str, higher_is_better: bool, exempl
         "final": {**pick(final[exemplar]), "untagged": pick(final["<none>"]) if "<none>" in final else None,
                   "by_feedback": {w: pick(final[w]) for w in words}},
         "steerability": steerability(final, words, f"{metric}_mean", higher_is_better),
+        "likelihood_steer": last.get("likelihood_steer"),
         "iterations": [{"iteration": e["iteration"], f"{metric}_mean": e["by_feedback"][exemplar][f"{metric}_mean"]
                         if exemplar in e["by_feedback"] else None, "train": e.get("train")}
                        for e in evals if e["model"] == "policy"],

@@ -14,6 +14,7 @@ A `prefix_format` that contains `{prompt}` places the feedback around the prompt
 phrases right before the answer. The prompt is still its own token span (and the only part truncated).
 
 With no feedback (iteration 1, the reference model, `--model` generation) the input is just ids(prompt).
+`bos_token` (e.g. SmolLM2's "<|endoftext|>") goes first in every input, conditioned or not.
 """
 from __future__ import annotations
 
@@ -31,14 +32,17 @@ class Template:
     completion_prefix: str = ""
     eos_rule: str = "unless_truncated"
     prompt_format: str = "{prompt}"
+    bos_token: str = ""  # "" for checkpoints written before the option existed: they had none
 
     @classmethod
     def from_config(cls, cfg) -> "Template":
-        return cls(cfg.template, cfg.prefix_format, cfg.separator_token, cfg.completion_prefix, cfg.eos_rule, cfg.prompt_format)
+        return cls(cfg.template, cfg.prefix_format, cfg.separator_token, cfg.completion_prefix, cfg.eos_rule, cfg.prompt_format,
+                   cfg.bos_token)
 
     def to_dict(self) -> dict:
         return dict(style=self.style, prefix_format=self.prefix_format, separator_token=self.separator_token,
-                    completion_prefix=self.completion_prefix, eos_rule=self.eos_rule, prompt_format=self.prompt_format)
+                    completion_prefix=self.completion_prefix, eos_rule=self.eos_rule, prompt_format=self.prompt_format,
+                    bos_token=self.bos_token)
 
     def new_tokens(self, vocabulary: list[str]) -> tuple[list[str], str]:
         """Tokens this template adds to the tokenizer, and how their embeddings start (models.add_tokens)."""
@@ -70,7 +74,10 @@ class Template:
         p = _ids(tokenizer, self.prompt_format.replace("{prompt}", prompt))  # replace, not format: prompts hold braces
         if max_prompt_tokens and len(p) > max_prompt_tokens:
             p = p[-max_prompt_tokens:]  # keep the end: it is what the model continues
-        return self.condition_ids(tokenizer, feedback) + p + self.after_prompt_ids(tokenizer, feedback)
+        # The first position is an attention sink: models largely ignore its content. A fixed token there keeps
+        # the feedback's first word (the only thing that differs between tags) where attention can read it.
+        bos = [tokenizer.convert_tokens_to_ids(self.bos_token)] if self.bos_token else []
+        return bos + self.condition_ids(tokenizer, feedback) + p + self.after_prompt_ids(tokenizer, feedback)
 
     def target_ids(self, tokenizer, completion: str, truncated: bool) -> list[int]:
         ids = _ids(tokenizer, self.completion_prefix + completion)

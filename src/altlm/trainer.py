@@ -11,6 +11,7 @@ an uninterrupted run would have: how is runfolder.py's concern.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -30,7 +31,7 @@ from .errors import AltlmError
 from .feedback import Feedback, build_feedback
 from .loss import alt_loss, target_logits
 from .pool import Pool, Row
-from .report import open_trackers
+from .report import open_trackers, write_report
 from .sampler import Sample, SampleSettings, inference_model, sample
 from .template import Template
 from .vllm_sampler import VLLMSampler
@@ -58,6 +59,8 @@ class ALTTrainer:
 
         self.tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
         self.vocab_size = len(self.tokenizer)  # logits beyond this belong to conditioning tokens
+        if cfg.bos_token and cfg.bos_token not in self.tokenizer.get_vocab():
+            raise AltlmError(f"config key 'bos_token': {cfg.bos_token!r} is not a token of {cfg.model}'s tokenizer (SmolLM2: '<|endoftext|>'; '' = none)")
         base = models.load_model(cfg.model, cfg.trust_remote_code, seed=cfg.seed)
         new, init = self.template.new_tokens(cfg.feedback_words)
         self.added_ids = models.add_tokens(base, self.tokenizer, new, init) if new else []
@@ -91,12 +94,9 @@ class ALTTrainer:
         self.procs.wait()
         if not self.procs.main:
             self.pool = Pool(self.run / "pool.sqlite")
-        self.global_step = sum(1 for line in open(self.run / "metrics.jsonl") if '"kind": "step"' in line) \
-            if (self.run / "metrics.jsonl").exists() else 0
-        self.train_settings = SampleSettings(cfg.temperature, cfg.top_p, cfg.min_new_tokens, cfg.max_new_tokens,
-                                             cfg.sample_batch_size, cfg.max_prompt_tokens)
-        self.eval_settings = SampleSettings(cfg.eval_temperature, cfg.eval_top_p, cfg.min_new_tokens, cfg.max_new_tokens,
-                                            cfg.sample_batch_size, cfg.max_prompt_tokens)
+        self.global_step = sum('"kind": "step"' in line for line in open(self.run / "metrics.jsonl")) if (self.run / "metrics.jsonl").exists() else 0
+        self.train_settings, self.eval_settings = (SampleSettings(t, p, cfg.min_new_tokens, cfg.max_new_tokens, cfg.sample_batch_size,
+                                                                  cfg.max_prompt_tokens) for t, p in ((cfg.temperature, cfg.top_p), (cfg.eval_temperature, cfg.eval_top_p)))
 
     # ------------------------------------------------------------------ run folder
     def save_progress(self, **changes) -> None:
@@ -170,8 +170,6 @@ class ALTTrainer:
                         evals, self.scorer.name, self.scorer.higher_is_better, (self.exemplars() or ["<none>"])[0],
                         self.feedback.vocabulary or self.eval_words(), len(self.prompts.eval), cfg.eval_samples_per_prompt, time.time() - t0))
                     if cfg.report:
-                        from .report import write_report
-
                         write_report([self.run], self.run)
             self.save_progress(iteration_done=it, phase="sample", step=0, record={}, finished=last)
             if self.procs.main:
@@ -377,24 +375,26 @@ class ALTTrainer:
                 **{k: totals[k] / n for k in ("loss", "nll", "kl", "entropy")}, "tokens": totals["tokens"]}
 
     @torch.no_grad()
-    def reference_logits(self, inputs, targets):
-        if self.ref_model is not None:
-            return target_logits(self.ref_model, inputs, targets, self.tokenizer.pad_token_id)[0]
-        with self.model.disable_adapter():
-            return target_logits(self.model, inputs, targets, self.tokenizer.pad_token_id)[0]
+    def reference_logits(self, inputs, targets):  # LoRA without a separate reference: the base is the adapter disabled
+        with contextlib.nullcontext() if self.ref_model is not None else self.model.disable_adapter():
+            return target_logits(self.model if self.ref_model is None else self.ref_model, inputs, targets, self.tokenizer.pad_token_id)[0]
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, it: int, conditions: list[str | None], label: str, extra: dict | None = None, model=None) -> dict:
         cfg = self.cfg
         if not self.procs.main:
             return {}
-        blocks, records = evaluation.evaluate(
-            inference_model(model or self.model, self.amp), self.tokenizer, self.template, self.prompts.eval,
+        im = inference_model(model or self.model, self.amp)
+        blocks, records = evaluation.evaluate(im, self.tokenizer, self.template, self.prompts.eval,
             [evaluation.Condition(fb, cfg.eval_samples_per_prompt) for fb in conditions], self.eval_settings,
             self.scorer, self.added_ids, cfg.seed + 7, label, self.fluency)
         evaluation.append_jsonl(self.run / "eval_samples.jsonl", [{"iteration": it, **r} for r in records])
         runfolder.failpoint("eval")
         record = {"kind": "eval", "iteration": it, "model": label, "by_feedback": blocks, **(extra or {})}
+        if len(conditions) > 2:  # under every feedback: also the noise-free check on the reference's texts (iteration 0: a control)
+            ref = [r for r in map(json.loads, open(self.run / "eval_samples.jsonl")) if r["iteration"] == 0]
+            record["likelihood_steer"] = evaluation.likelihood_steer(im, self.tokenizer, self.template, ref, conditions[1], conditions[-1],
+                                                                     self.scorer.higher_is_better, cfg.max_prompt_tokens)
         evaluation.append_jsonl(self.run / "metrics.jsonl", [record])
         self.track(it, {f"eval/{label}/{k}/{m}": v for k, b in blocks.items() for m, v in b.items()})
         return record
