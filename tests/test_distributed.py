@@ -43,14 +43,24 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="this torch build has no gloo backend")
-def test_two_processes_match_one_process(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_two_processes_and_micro_batches_match_one_process(tmp_path):
+    """Also gradient accumulation: one process in micro-batches of 3 + 1 rows, and two processes in micro-batches
+    of 1 row (DDP's all-reduce skipped until the last one) give the whole-batch step."""
+    one = tmp_path / "one"
     r = run([sys.executable, "-m", "altlm", *ARGS, f"output_dir={one}"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-             "--master_port", str(free_port()), "-m", "altlm", *ARGS, f"output_dir={two}"], tmp_path)
-    assert r.returncode == 0, r.stderr[-5000:]
+    def torchrun():
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
 
+    for name, launcher, extra in [("two", torchrun(), []), ("one_micro", [sys.executable], ["micro_batch_size=3"]),
+                                  ("two_micro", torchrun(), ["micro_batch_size=1"])]:
+        r = run([*launcher, "-m", "altlm", *ARGS, *extra, f"output_dir={tmp_path / name}"], tmp_path)
+        assert r.returncode == 0, (name, r.stderr[-5000:])
+        assert_same_run(one, tmp_path / name)
+
+
+def assert_same_run(one: Path, two: Path) -> None:
     import sqlite3
 
     cols = "iteration, prompt_id, completion, score, bucket, feedback, truncated"

@@ -121,7 +121,8 @@ class ALTConfig:
     prompts_per_iteration: int = _f(512, "Training prompts sampled each iteration.")
     samples_per_prompt: int = _f(1, "Completions per prompt each iteration.")
     train_steps: int = _f(40, "Optimiser steps per iteration (global regime); per_prompt regime: 0 = one epoch over the balanced draw.")
-    batch_size: int = _f(16, "Sequences per optimiser step.")
+    batch_size: int = _f(16, "Sequences per optimiser step (over all processes).")
+    micro_batch_size: int = _f(0, "Sequences per forward/backward pass in each process; a step accumulates gradients over its micro-batches, normalised by the whole batch's token count, so the update is the same as one pass over the batch (less memory). 0 = the process's whole share of the batch.")
     learning_rate: float = _f(1e-4, "Peak learning rate (AdamW).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_ratio: float = _f(0.05, "Linear warmup share of each iteration's steps; then linear decay to 0. The optimiser is re-created each iteration.")
@@ -186,8 +187,8 @@ class ALTConfig:
             raise AltlmError(f"config key 'train_steps' must be >= 0, got {self.train_steps}")
         if not 0.0 < self.lora_layers <= 1.0 or not 0.0 < self.top_fraction <= 1.0:
             raise AltlmError("config keys 'lora_layers' and 'top_fraction' must be in (0, 1]")
-        if self.save_steps < 0 or self.steer_eval_every < 0:
-            raise AltlmError("config keys 'save_steps' and 'steer_eval_every' must be >= 0")
+        if self.save_steps < 0 or self.steer_eval_every < 0 or self.micro_batch_size < 0:
+            raise AltlmError("config keys 'save_steps', 'steer_eval_every' and 'micro_batch_size' must be >= 0")
         for k in ("max_nonfinite_steps", "eval_every", "iterations", "prompts_per_iteration", "samples_per_prompt", "batch_size", "max_new_tokens", "num_eval_prompts", "eval_samples_per_prompt", "sample_batch_size", "per_bucket"):
             if getattr(self, k) < 1:
                 raise AltlmError(f"config key '{k}' must be >= 1, got {getattr(self, k)}")

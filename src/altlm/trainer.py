@@ -117,8 +117,7 @@ class ALTTrainer:
         words = self.eval_words()
         if self.progress.phase == "reference":
             # Iteration 0: the reference, untagged and under every feedback string (the priming control).
-            self.evaluate(0, [None] + (words if cfg.eval_all_feedback else []), label="reference",
-                          model=self.ref_model or self.model)
+            self.evaluate(0, [None] + (words if cfg.eval_all_feedback else []), label="reference", model=self.ref_model or self.model)
             self.save_progress(phase="sample")
         if cfg.seed_pool and self.pool.count("iteration = 0") == 0:
             self.seed_pool()
@@ -239,8 +238,7 @@ class ALTTrainer:
         runfolder.failpoint("feedback")
 
     def _gathered(self, it: int, items: list, stage) -> list:
-        """Several processes: each one's share of `items` (None elsewhere), merged on all; the main process stages
-        the shares the others made."""
+        """Several processes: each one's share of `items` (None elsewhere), merged on all; the main one stages the others'."""
         if self.procs.world == 1:
             return items
         got = self.procs.merge({i: x for i, x in enumerate(items) if x is not None})
@@ -265,15 +263,13 @@ class ALTTrainer:
         return self._gathered(it, out, self._stage_feedback)
 
     def exemplars(self) -> list[str]:
-        """What the policy is sampled and evaluated under: the exemplar feedback (RM, LMC), or for LMU the
-        `lmu_exemplars` most frequent feedback sentences of the pool's best score (method.md §4)."""
+        """What the policy is sampled and evaluated under: the exemplar (RM, LMC), or LMU's `lmu_exemplars` commonest best-score sentences."""
         if self.feedback.vocabulary is not None:
             return [self.cfg.exemplar_text]
         return self.pool.common_feedback(best=True)[:self.cfg.lmu_exemplars]
 
     def eval_words(self) -> list[str]:
-        """Feedback strings evaluated at the end, best first: the vocabulary (RM, LMC; `eval_feedback` filters it),
-        or LMU's most common best- and worst-score sentences."""
+        """Feedback evaluated at the end, best first: the vocabulary (RM, LMC; `eval_feedback` filters it) or LMU's commonest best/worst."""
         cfg = self.cfg
         if self.feedback.vocabulary is not None:
             return [w for w in self.feedback.vocabulary if cfg.eval_feedback is None or w in cfg.eval_feedback]
@@ -320,28 +316,19 @@ class ALTTrainer:
             batch = rows[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             # Several processes: every N-th row each (a batch shorter than N gives some process a filler row, weight 0).
             mine = batch[self.procs.rank::world]
-            filler, batch = not mine, mine or batch[:1]
-            inputs = [self.template.input_ids(tok, r.feedback if cfg.use_feedback else None, r.prompt, cfg.max_prompt_tokens)
-                      for r in batch]
-            targets = [self.template.target_ids(tok, r.completion, bool(r.truncated)) for r in batch]
-            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                logits, tgt, mask = target_logits(self.ddp, inputs, targets, tok.pad_token_id)
-                ref_logits = None
-                if cfg.kl_coef:
-                    ref_inputs = inputs if cfg.reference_input == "conditioned" else \
-                        [self.template.input_ids(tok, None, r.prompt, cfg.max_prompt_tokens) for r in batch]
-                    ref_logits = self.reference_logits(ref_inputs, targets)
-            # Several processes: token sum over the global token count, × N as DDP averages the gradients, so the
-            # step is one process's step on the whole batch.
-            denom = None if world == 1 else self.procs.sum([0.0 if filler else float(mask.sum())])[0] / world
-            loss, stats = alt_loss(logits, tgt, mask, ref_logits, cfg.kl_coef, cfg.entropy_coef, cfg.kl_direction, self.vocab_size, denom)
-            finite, loss_value, loss = bool(torch.isfinite(loss)), loss.item(), (loss * 0.0 if filler else loss)
-            if world > 1:  # all processes take or skip the step together; log the whole batch's numbers
-                n = 0 if filler else stats["tokens"]
-                ok, loss_value, *s = self.procs.sum([float(finite), loss_value * (not filler)] + [stats[k] * n for k in ("nll", "kl", "entropy")] + [n])
-                finite, loss_value = ok == world, loss_value / world
-                stats = {"nll": s[0] / max(s[3], 1), "kl": s[1] / max(s[3], 1), "entropy": s[2] / max(s[3], 1), "tokens": int(s[3])}
-            if not finite:
+            weight, mine = int(bool(mine)), mine or batch[:1]
+            # Token sums over the whole batch's token count, × N as DDP averages gradients: the update is one
+            # process's step on the whole batch, however processes and micro-batches split it.
+            denom = sum(len(self.template.target_ids(tok, r.completion, bool(r.truncated))) for r in batch) / world
+            micro, acc = cfg.micro_batch_size or len(mine), [0.0] * 6  # loss, nll·n, kl·n, entropy·n, n, non-finite
+            for j in range(0, len(mine), micro):  # gradient accumulation; DDP all-reduces once, at the last part
+                with self.ddp.no_sync() if (world > 1 and j + micro < len(mine)) else contextlib.nullcontext():
+                    self.micro_step(mine[j:j + micro], denom, weight, acc)
+            acc = self.procs.sum(acc)  # (one process: as is) all take or skip the step together
+            n = max(acc[4], 1)
+            loss_value, stats = acc[0] / world, {"nll": acc[1] / n, "kl": acc[2] / n, "entropy": acc[3] / n, "tokens": int(acc[4])}
+            if acc[5]:
+                opt.zero_grad(set_to_none=True)
                 bad += 1
                 print(f"warning: iteration {it} step {step}: non-finite loss, batch skipped")
                 if bad >= cfg.max_nonfinite_steps:
@@ -349,14 +336,12 @@ class ALTTrainer:
                                      "lower learning_rate or set precision=fp32, and start a new run folder")
                 continue
             bad = 0
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            for k in ("nll", "kl", "entropy", "tokens"):
-                totals[k] += stats[k] * (1 if k == "tokens" else stats["tokens"])
-            totals["loss"] += loss_value * stats["tokens"]
+            for k, v in zip(("loss", "nll", "kl", "entropy", "tokens"), (loss_value * acc[4], *acc[1:4], int(acc[4]))):
+                totals[k] += v
             record = {"loss": loss_value, **stats, "lr": sched.get_last_lr()[0]}
             if self.procs.main:
                 evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "step", "iteration": it, "step": step, **record}])
@@ -373,6 +358,21 @@ class ALTTrainer:
         n = max(totals["tokens"], 1)
         return {"steps": steps, "examples": len(rows), "seconds": round(time.time() - t0, 2),
                 **{k: totals[k] / n for k in ("loss", "nll", "kl", "entropy")}, "tokens": totals["tokens"]}
+
+    def micro_step(self, batch, denom: float, weight: int, acc: list[float]) -> None:
+        """Forward, ALT loss and backward of one micro-batch (gradients accumulate); adds its sums to `acc`."""
+        cfg, tok = self.cfg, self.tokenizer
+        inputs = [self.template.input_ids(tok, r.feedback if cfg.use_feedback else None, r.prompt, cfg.max_prompt_tokens) for r in batch]
+        targets = [self.template.target_ids(tok, r.completion, bool(r.truncated)) for r in batch]
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            logits, tgt, mask = target_logits(self.ddp, inputs, targets, tok.pad_token_id)
+            ref_in = inputs if cfg.reference_input == "conditioned" else [self.template.input_ids(tok, None, r.prompt, cfg.max_prompt_tokens) for r in batch]
+            ref_logits = self.reference_logits(ref_in, targets) if cfg.kl_coef else None
+        loss, stats = alt_loss(logits, tgt, mask, ref_logits, cfg.kl_coef, cfg.entropy_coef, cfg.kl_direction, self.vocab_size, denom)
+        (loss * weight).backward()  # even when non-finite: under DDP every process must reach the all-reduce
+        n = stats["tokens"] * weight
+        for i, v in enumerate((loss.item() * weight, stats["nll"] * n, stats["kl"] * n, stats["entropy"] * n, n, not math.isfinite(loss.item()))):
+            acc[i] += v
 
     @torch.no_grad()
     def reference_logits(self, inputs, targets):  # LoRA without a separate reference: the base is the adapter disabled
