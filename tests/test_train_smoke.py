@@ -72,6 +72,7 @@ def test_smoke_summary(smoke):
     n_ref = sum(1 for e in jsonl(run / "eval_samples.jsonl") if e["model"] == "reference" and e["completion"])
     assert (ls["best"], ls["worst"], ls["n"]) == ("Lowest Toxicity", "Maximum Toxicity", n_ref) and n_ref >= 3
     assert ls["spearman"] is None or -1.0 <= ls["spearman"] <= 1.0
+    assert ls["spearman"] is None or f"likelihood check on {n_ref} fixed reference texts" in r.stdout
     assert "toxicity" in r.stdout  # the table was printed
     state = json.loads((run / "state.json").read_text())
     assert (state["iteration_done"], state["finished"]) == (2, True)

@@ -107,6 +107,10 @@ def print_summary(s: dict) -> None:
     print(f"exemplar vs untagged reference: {m} mean {pct(red[f'{m}_mean'])}, share > 0.5 {pct(red[f'{m}_gt_0_5'])}; "
           f"steerability: Spearman(feedback rank, {m}) = {num(st['spearman_rho'])}, worst − best feedback = {num(st['gap'])} "
           f"(both {'> 0' if st.get('steered_sign', 1) > 0 else '< 0'} when the model follows the feedback)")
+    ls = s.get("likelihood_steer")
+    if ls and ls.get("spearman") is not None:
+        print(f"likelihood check on {ls['n']} fixed reference texts: Spearman(log p(text | {ls['worst']}) − log p(text | {ls['best']}), "
+              f"badness) = {ls['spearman']:.3f} (> 0 when the model follows the feedback; no sampling noise)")
 
 
 def _generate(args) -> int:

@@ -220,6 +220,8 @@ def _run_section(run: dict, out: Path, prefix: str) -> list[str]:
         lines += [f"- exemplar **{ex}**: {m} mean {_fmt(s['final'][f'{m}_mean'])} vs {_fmt(s['reference'][f'{m}_mean'])} untagged reference "
                   f"({_fmt(-100 * red[f'{m}_mean'], 1) if red.get(f'{m}_mean') is not None else '–'}%)",
                   f"- steerability: Spearman(feedback rank, {m}) = {_fmt(st.get('spearman_rho'), 3)}, worst − best = {_fmt(st.get('gap'))}",
+                  f"- likelihood check (fixed reference texts, no sampling noise; > 0 when the feedback is followed): "
+                  f"Spearman(log p(text | worst) − log p(text | best), badness) = {_fmt((s.get('likelihood_steer') or {}).get('spearman'), 3)}",
                   f"- wall time {_fmt(s['wall_seconds'], 0)} s", ""]
     rows = steer_table(run)
     if rows:
