@@ -123,6 +123,7 @@ class ALTConfig:
     train_steps: int = _f(40, "Optimiser steps per iteration (global regime); per_prompt regime: 0 = one epoch over the balanced draw.")
     batch_size: int = _f(16, "Sequences per optimiser step (over all processes).")
     micro_batch_size: int = _f(0, "Sequences per forward/backward pass in each process; a step accumulates gradients over its micro-batches, normalised by the whole batch's token count, so the update is the same as one pass over the batch (less memory). 0 = the process's whole share of the batch.")
+    sharding: str = _f("auto", "Several processes: ddp (each holds the whole model; gradients all-reduced), fsdp (FSDP2: weights, gradients and AdamW state sharded, a block's weights gathered for its forward and again for its backward: ZeRO-3's memory), fsdp_grad_op (kept gathered from forward to backward: ZeRO-2's trade). auto: fsdp/fsdp_grad_op under `accelerate launch` with an FSDP config (configs/accelerate/), else ddp. Ignored with one process.", choices=["auto", "ddp", "fsdp", "fsdp_grad_op"])
     learning_rate: float = _f(1e-4, "Peak learning rate (AdamW).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_ratio: float = _f(0.05, "Linear warmup share of each iteration's steps; then linear decay to 0. The optimiser is re-created each iteration.")

@@ -146,18 +146,23 @@ def _snapshot_dir(run: Path, step: int) -> Path:
     return run / "resume" / f"step-{step}"
 
 
-def save_snapshot(run: Path, step: int, model, opt: torch.optim.Optimizer, extra: dict) -> None:
+def save_snapshot(run: Path, step: int, model, opt: torch.optim.Optimizer, extra: dict, write: bool = True) -> None:
     """Trainable weights, AdamW moments and torch's RNG after `step` steps, as safetensors (no pickle), plus
-    `extra` (running loss totals) as JSON. Written to a temp folder and renamed into place."""
+    `extra` (running loss totals) as JSON. Written to a temp folder and renamed into place. The state comes
+    whole, keyed by parameter name, however the model is sharded: every process calls this (FSDP gathers the
+    shards), the one with `write` writes."""
     from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+    weights, state = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    if not write:
+        return
     final = _snapshot_dir(run, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=final.parent))
-    weights = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(weights, tmp / "trainable.safetensors")
-    state = opt.state_dict()
-    moments = {f"{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()}
+    names = {n for n, _ in model.named_parameters()}  # a tied head once, under its first name (as it is loaded)
+    save_file({n: w.contiguous() for n, w in weights.items() if n in names}, tmp / "trainable.safetensors")
+    moments = {f"{name}.{k}": v.contiguous() for name, s in state["state"].items() for k, v in s.items()}
     moments["rng"] = torch.get_rng_state()
     save_file(moments, tmp / "optimizer.safetensors")
     (tmp / "snapshot.json").write_text(json.dumps({"step": step, "param_groups": state["param_groups"], **extra}))
@@ -166,28 +171,37 @@ def save_snapshot(run: Path, step: int, model, opt: torch.optim.Optimizer, extra
 
 
 def load_snapshot(run: Path, step: int, model, opt: torch.optim.Optimizer | None) -> dict:
-    """Restore a snapshot into `model` (and `opt` and torch's RNG, unless opt is None); returns its `extra`."""
+    """Restore a snapshot into `model` (and `opt` and torch's RNG, unless opt is None); returns its `extra`.
+    Every process reads the whole snapshot; an FSDP model keeps its shard of it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     folder = _snapshot_dir(run, step)
     try:
-        unknown = model.load_state_dict(load_file(folder / "trainable.safetensors"), strict=False).unexpected_keys
+        weights = load_file(folder / "trainable.safetensors")
         meta = json.loads((folder / "snapshot.json").read_text())
         moments = load_file(folder / "optimizer.safetensors")  # read even when not needed: a resume checks it early
     except (OSError, SafetensorError, json.JSONDecodeError) as e:
         raise AltlmError(f"--resume: training snapshot '{folder}' cannot be read ({str(e).splitlines()[0][:120]}); "
                          "delete the run's resume/ folder and state to restart the iteration, or start a new run") from None
+    known = {n for n, _ in model.named_parameters()}
+    unknown = [n for n in weights if n not in known]
     if unknown:
         raise AltlmError(f"--resume: training snapshot '{folder}' holds weights this model lacks ({unknown[0]}, ...); it belongs to another run")
+    options = StateDictOptions(full_state_dict=True, strict=False)
     if opt is None:  # the trained weights only (a resume at the eval phase)
+        set_model_state_dict(model, weights, options=options)
         return meta
     torch.set_rng_state(moments.pop("rng"))
     state: dict = {}
     for key, value in moments.items():
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = value
-    opt.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+        name, k = key.rsplit(".", 1)  # AdamW's keys (step, exp_avg, exp_avg_sq) have no dot; parameter names do
+        state.setdefault(name, {})[k] = value
+    groups = meta.pop("param_groups")
+    for mine, saved in zip(opt.param_groups, groups):  # (the scheduler's initial_lr: set_state_dict fills only keys opt has)
+        mine.update({k: v for k, v in saved.items() if k not in mine})
+    set_state_dict(model, opt, model_state_dict=weights, optim_state_dict={"state": state, "param_groups": groups}, options=options)
     return meta
 
 

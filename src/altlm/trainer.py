@@ -44,7 +44,7 @@ class ALTTrainer:
         self.cfg, self.run = cfg, Path(cfg.output_dir)
         # Read-only until runfolder.open_run: bad input (config, files, models, a corrupt run) leaves the folder as it was.
         self.progress = runfolder.check(self.run, cfg.to_dict(), resume)
-        self.procs = Processes()  # one, or several under torchrun / accelerate launch (distributed.py)
+        self.procs = Processes(cfg.sharding)  # one, or several under torchrun / accelerate launch (distributed.py)
         self.tracker = open_trackers(cfg.report_to, self.run, cfg.to_dict())
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -83,10 +83,10 @@ class ALTTrainer:
         self.device = self.procs.device
         for m in filter(None, (self.model, self.ref_model)):
             m.to(self.device)
-        # DDP wraps only the training forward; everything else (sampling, saving, the reference) uses self.model.
-        self.ddp = self.model if self.procs.world == 1 else torch.nn.parallel.DistributedDataParallel(self.model)
         self.amp = models.autocast_dtype(cfg.precision, self.device)
         models.cast_frozen_linears(self.model, self.amp if cfg.training_mode == "lora" else None)
+        # The training forward goes through DDP, or FSDP's shards; sampling, evaluation and saving get whole weights (procs.full).
+        self.ddp = self.procs.wrap(self.model)
         self.vllm = VLLMSampler.for_run(cfg, self.run, self.procs.world)  # None unless sampler=vllm
         self.fluency = evaluation.Fluency(cfg.perplexity_model, self.amp) if cfg.perplexity_model else None
         if self.procs.main:  # the only writer; the other processes read the pool once it is there
@@ -154,15 +154,15 @@ class ALTTrainer:
                     runfolder.prune_snapshots(self.run, keep=train_stats["steps"])
 
             # 5. Evaluate on held-out prompts; at the end under every feedback string (main process only).
-            last = it == cfg.iterations
+            last, full = it == cfg.iterations, self.procs.full(self.model, everyone=False)  # None but on the main process
             if self.procs.main:
-                checkpoint.save(self.model, self.tokenizer, self.run / "checkpoint",
+                checkpoint.save(full, self.tokenizer, self.run / "checkpoint",
                                 checkpoint.run_meta(cfg, self.template, (self.exemplars() or [cfg.exemplar_text])[0], self.vocab_size, it))
                 every = last or bool(cfg.steer_eval_every and it % cfg.steer_eval_every == 0)  # under every feedback
                 if every or it % cfg.eval_every == 0:
                     words = self.eval_words()  # LMU: the sentences come from the pool, which has grown
                     conditions = ([None] + words) if (every and cfg.eval_all_feedback) else (self.exemplars()[:1] or [None])
-                    self.evaluate(it, conditions, label="policy", extra=self.progress.record)
+                    self.evaluate(it, conditions, label="policy", extra=self.progress.record, model=full)
                 if last:
                     evals = [json.loads(line) for line in open(self.run / "metrics.jsonl") if '"kind": "eval"' in line]
                     evaluation.write_json(self.run / "summary.json", evaluation.summarize_run(
@@ -215,7 +215,8 @@ class ALTTrainer:
         """Step 1's samples: HF (batches dealt out over the processes, each staged as it finishes), or vLLM, restarted
         on the current weights and checked against them first. `done`: what a killed attempt already staged."""
         # (Without a separate reference_model, the untrained policy *is* the reference at iteration 1.)
-        model, seed = self.ref_model if (it == 1 and self.ref_model is not None) else self.model, self.cfg.seed * 100_003 + it
+        model = self.procs.full(self.ref_model if (it == 1 and self.ref_model is not None) else self.model)
+        seed = self.cfg.seed * 100_003 + it
         if self.vllm is None:
             out = sample(inference_model(model, self.amp), self.tokenizer, self.template, conditioned, self.train_settings,
                          self.added_ids, seed=seed, desc=f"iter {it} sampling", done=done, shard=(self.procs.rank, self.procs.world),
@@ -317,12 +318,12 @@ class ALTTrainer:
             # Several processes: every N-th row each (a batch shorter than N gives some process a filler row, weight 0).
             mine = batch[self.procs.rank::world]
             weight, mine = int(bool(mine)), mine or batch[:1]
-            # Token sums over the whole batch's token count, × N as DDP averages gradients: the update is one
+            # Token sums over the whole batch's token count, × N as DDP/FSDP average gradients: the update is one
             # process's step on the whole batch, however processes and micro-batches split it.
             denom = sum(len(self.template.target_ids(tok, r.completion, bool(r.truncated))) for r in batch) / world
             micro, acc = cfg.micro_batch_size or len(mine), [0.0] * 6  # loss, nll·n, kl·n, entropy·n, n, non-finite
             for j in range(0, len(mine), micro):  # gradient accumulation; DDP all-reduces once, at the last part
-                with self.ddp.no_sync() if (world > 1 and j + micro < len(mine)) else contextlib.nullcontext():
+                with self.procs.no_sync(self.ddp, skip=j + micro < len(mine)):
                     self.micro_step(mine[j:j + micro], denom, weight, acc)
             acc = self.procs.sum(acc)  # (one process: as is) all take or skip the step together
             n = max(acc[4], 1)
@@ -349,8 +350,7 @@ class ALTTrainer:
             self.global_step += 1
             runfolder.failpoint("train")
             if step + 1 == steps or (cfg.save_steps and (step + 1) % cfg.save_steps == 0):
-                if self.procs.main:
-                    runfolder.save_snapshot(self.run, step + 1, self.model, opt, {"totals": totals})
+                runfolder.save_snapshot(self.run, step + 1, self.model, opt, {"totals": totals}, write=self.procs.main)
                 if step + 1 < steps:  # the last one is recorded with the phase's end (train())
                     self.save_progress(step=step + 1)
                     if self.procs.main:
@@ -381,10 +381,10 @@ class ALTTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, it: int, conditions: list[str | None], label: str, extra: dict | None = None, model=None) -> dict:
-        cfg = self.cfg
+        cfg, model = self.cfg, self.procs.full(model or self.model, everyone=False)  # (collective under FSDP)
         if not self.procs.main:
             return {}
-        im = inference_model(model or self.model, self.amp)
+        im = inference_model(model, self.amp)
         blocks, records = evaluation.evaluate(im, self.tokenizer, self.template, self.prompts.eval,
             [evaluation.Condition(fb, cfg.eval_samples_per_prompt) for fb in conditions], self.eval_settings,
             self.scorer, self.added_ids, cfg.seed + 7, label, self.fluency)
