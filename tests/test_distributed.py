@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 from test_train_smoke import SMALL, jsonl
 
+VARIANTS = {"lora": ["training_mode=lora"], "full": ["training_mode=full"], "quark": ["training_mode=lora", "template=quark"]}
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 # One iteration: what follows training is sampling, where a 1e-6 weight difference can flip a drawn token now
 # and then, and from there on the runs differ legitimately.
@@ -64,11 +65,11 @@ def accelerate(config: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> dict[str, Path]:
-    """The reference runs: one process, LoRA and full fine-tuning."""
+    """The reference runs: one process, LoRA, full fine-tuning, and LoRA with Quark's trainable reward tokens."""
     base, out = tmp_path_factory.mktemp("one"), {}
-    for mode in ("lora", "full"):
-        out[mode] = base / mode
-        r = run([sys.executable, "-m", "altlm", *ARGS, f"training_mode={mode}", f"output_dir={out[mode]}"], base)
+    for name, extra in VARIANTS.items():
+        out[name] = base / name
+        r = run([sys.executable, "-m", "altlm", *ARGS, *extra, f"output_dir={out[name]}"], base)
         assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -90,7 +91,8 @@ def test_fsdp_matches_one_process_and_resumes_after_a_kill(tmp_path, one_process
     """FSDP2 shards the weights over the 2 processes; sampling, evaluation and the checkpoint gather them whole.
     LoRA with ZeRO-3-style sharding is killed (SIGKILL, both processes) after its 4th step, past the step-2
     snapshot, and resumed: it ends as one process does. Full fine-tuning with ZeRO-2-style sharding (the tied
-    embedding/head sharded with the root) also matches, its micro-batches reduce-scattered one by one."""
+    embedding/head sharded with the root) also matches, its micro-batches reduce-scattered one by one, and so does
+    Quark's LoRA, whose reward-token rows train through peft's trainable-token wrapper."""
     killed = tmp_path / "fsdp_lora"
     r = run([*accelerate("fsdp"), "-m", "altlm", *ARGS, "save_steps=2", f"output_dir={killed}"], tmp_path, failpoint="train:4")
     assert r.returncode != 0 and not (killed / "checkpoint").exists(), r.stderr[-3000:]
@@ -100,12 +102,11 @@ def test_fsdp_matches_one_process_and_resumes_after_a_kill(tmp_path, one_process
     assert r.returncode == 0, r.stderr[-5000:]
     assert_same_run(one_process["lora"], killed)
 
-    full = tmp_path / "fsdp_full"
-    r = run([*torchrun(), "-m", "altlm", *ARGS, "training_mode=full", "sharding=fsdp_grad_op", "micro_batch_size=1",
-             f"output_dir={full}"], tmp_path)
-    assert r.returncode == 0, r.stderr[-5000:]
-    assert "2 processes (gloo), sharding: fsdp_grad_op" in r.stdout
-    assert_same_run(one_process["full"], full, weights="model.safetensors")
+    for name, extra in [("full", ["sharding=fsdp_grad_op", "micro_batch_size=1"]), ("quark", ["sharding=fsdp"])]:
+        r = run([*torchrun(), "-m", "altlm", *ARGS, *VARIANTS[name], *extra, f"output_dir={tmp_path / name}"], tmp_path)
+        assert r.returncode == 0, (name, r.stderr[-5000:])
+        assert f"2 processes (gloo), {extra[0].replace('=', ': ')}" in r.stdout
+        assert_same_run(one_process[name], tmp_path / name, weights="model.safetensors" if name == "full" else "adapter_model.safetensors")
 
 
 def assert_same_run(one: Path, two: Path, weights: str = "adapter_model.safetensors") -> None:

@@ -123,5 +123,6 @@ class Processes:
             return None
         out = copy.deepcopy(self._shell)
         out.load_state_dict(weights, assign=True, strict=True)
-        (out.get_base_model() if hasattr(out, "get_base_model") else out).tie_weights()  # assign= untied the shared head
+        if not hasattr(out, "peft_config"):  # assign= untied a shared head (peft's copy is merged and cast before use)
+            out.tie_weights()
         return out.to(self.device)
