@@ -7,13 +7,15 @@ fine-tuning — one process, then 2 processes under DDP, FSDP (ZeRO-3-style) and
 Writes benchmarks/results/sharding.json and prints a table. Each setting runs under torchrun through altlm's own
 `Processes.wrap` / `Processes.full` (distributed.py), on a fixed batch of `--batch` sequences × `--seq` tokens
 split over the processes. State bytes are exact (local shards of parameters, gradients and optimiser state, after
-a step); RSS is the process's resident memory after the steps, which also holds the model as it was loaded, DDP's
-gradient buckets and the allocator's cache. On 2 CPU cores two processes share the cores, so step time measures
+a step); RSS is the process's resident memory after the steps (freed memory handed back with malloc_trim, before
+the gather), which also holds the libraries, DDP's gradient buckets and the allocator's cache; gather_s is the time
+to build the whole copy that sampling uses. On 2 CPU cores two processes share the cores, so step time measures
 communication overhead, not speed-up.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import socket
@@ -64,12 +66,14 @@ def worker(args) -> None:
     state = {"weights": sum(local_bytes(p) for p in model.parameters()),
              "gradients": sum(local_bytes(p.grad) for p in params if p.grad is not None),
              "optimizer": sum(local_bytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v))}
+    del loss
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, or RSS keeps the model as it was loaded whole
+    with open("/proc/self/statm") as f:  # before the gather below, whose whole copy sampling holds only while it samples
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     t = time.perf_counter()
     whole = procs.full(model)  # what sampling gets: a plain module with every weight
     gather_s = time.perf_counter() - t
     assert sum(p.numel() for p in whole.parameters()) == n_params
-    with open("/proc/self/statm") as f:
-        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     mine = {"rank": procs.rank, **{f"{k}_mb": v / 2**20 for k, v in state.items()},
             "state_mb": sum(state.values()) / 2**20, "rss_mb": rss / 2**20,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

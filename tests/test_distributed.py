@@ -160,3 +160,19 @@ def test_a_deepspeed_launch_stops_with_one_line_and_writes_nothing(tmp_path):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "DeepSpeed" in lines[0] and "configs/accelerate/fsdp.yaml" in lines[0], r.stderr
     assert not (tmp_path / "ds").exists()
+
+
+@needs_gloo
+def test_sharding_benchmark_shows_fsdp_halving_the_training_state(tmp_path):
+    """benchmarks/sharding.py --quick (tiny model): under FSDP each of 2 processes holds half the weights,
+    gradients and AdamW state that one process (or a DDP process) holds, and can still gather them whole."""
+    out = tmp_path / "sharding.json"
+    r = subprocess.run([sys.executable, str(CONFIGS.parents[1] / "benchmarks" / "sharding.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {(s["processes"], s["sharding"]): s for s in json.loads(out.read_text())["settings"]}
+    assert got[(2, "ddp")]["state_vs_one_process"] == 1.0
+    for sharding in ("fsdp", "fsdp_grad_op"):
+        s = got[(2, sharding)]
+        assert s["state_vs_one_process"] == pytest.approx(0.5, abs=0.01) and s["gather_s"] > 0, s
+    assert "state_vs_one_process" in r.stdout

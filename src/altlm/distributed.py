@@ -87,13 +87,10 @@ class Processes:
             return torch.nn.parallel.DistributedDataParallel(model)
         from torch.distributed.fsdp import fully_shard
 
-        self._shell = copy.deepcopy(model)  # before sharding: plain modules; their parameters go to the meta device
-        memo: dict = {}
-        for m in self._shell.modules():
-            for name, p in m._parameters.items():
-                if p is not None:
-                    memo.setdefault(id(p), torch.nn.Parameter(p.to("meta"), requires_grad=p.requires_grad))
-                    m._parameters[name] = memo[id(p)]
+        # Before sharding: the plain modules and buffers, each parameter (a tied one once) a meta tensor — deepcopy
+        # takes them from its memo, so no weight is copied.
+        memo = {id(p): torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in model.parameters()}
+        self._shell = copy.deepcopy(model, memo)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         blocks = set(getattr(base, "_no_split_modules", None) or [])  # transformers' name for a decoder block class
         keep = self.sharding == "fsdp_grad_op"
