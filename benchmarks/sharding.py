@@ -74,7 +74,7 @@ def worker(args) -> None:
     whole = procs.full(model)  # what sampling gets: a plain module with every weight
     gather_s = time.perf_counter() - t
     assert sum(p.numel() for p in whole.parameters()) == n_params
-    mine = {"rank": procs.rank, **{f"{k}_mb": v / 2**20 for k, v in state.items()},
+    mine = {"rank": procs.rank, "compute": "bf16" if amp is not None else "fp32", **{f"{k}_mb": v / 2**20 for k, v in state.items()},
             "state_mb": sum(state.values()) / 2**20, "rss_mb": rss / 2**20,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "step_s": min(times[1:] or times), "gather_s": gather_s}
@@ -117,7 +117,7 @@ def main() -> None:
                 sys.exit(f"{n} process(es), {sharding}: failed\n{r.stderr[-3000:]}")
             per_rank = json.loads(Path(tmp.name).read_text())
         worst = max(per_rank, key=lambda x: x["state_mb"])
-        results.append({"processes": n, "sharding": sharding if n > 1 else "none", **{k: round(v, 3) for k, v in worst.items() if k != "rank"}})
+        results.append({"processes": n, "sharding": sharding if n > 1 else "none", **{k: round(v, 3) if isinstance(v, float) else v for k, v in worst.items() if k != "rank"}})
     base = results[0]["state_mb"]
     for r in results:
         r["state_vs_one_process"] = round(r["state_mb"] / base, 3)
@@ -125,7 +125,7 @@ def main() -> None:
            "cpu_threads_per_process": 1, "settings": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    cols = ["processes", "sharding", "weights_mb", "gradients_mb", "optimizer_mb", "state_mb", "state_vs_one_process",
+    cols = ["processes", "sharding", "compute", "weights_mb", "gradients_mb", "optimizer_mb", "state_mb", "state_vs_one_process",
             "rss_mb", "step_s", "gather_s"]
     print(" | ".join(cols))
     for r in results:
