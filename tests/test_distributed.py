@@ -31,7 +31,10 @@ VARIANTS = {"lora": ["training_mode=lora"], "full": ["training_mode=full"], "qua
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 # One iteration: what follows training is sampling, where a 1e-6 weight difference can flip a drawn token now
 # and then, and from there on the runs differ legitimately.
-ARGS = ["train", "--config", "smoke", "training_mode=lora", *SMALL, "iterations=1", "sample_batch_size=4", "train_steps=6"]
+# batch_size=5: the 2 processes hold 3 and 2 rows of each step, so in micro-batches of 1 the second one needs a
+# filler pass (weight 0) to make as many passes as the first — which FSDP, gathering weights in every pass, requires.
+ARGS = ["train", "--config", "smoke", "training_mode=lora", *SMALL, "iterations=1", "sample_batch_size=4", "train_steps=6",
+        "batch_size=5"]
 
 
 def free_port() -> int:
@@ -76,7 +79,7 @@ def one_process(tmp_path_factory) -> dict[str, Path]:
 
 @needs_gloo
 def test_two_processes_and_micro_batches_match_one_process(tmp_path, one_process):
-    """DDP, and gradient accumulation: one process in micro-batches of 3 + 1 rows, and two processes in
+    """DDP, and gradient accumulation: one process in micro-batches of 3 + 2 rows, and two processes in
     micro-batches of 1 row (DDP's all-reduce skipped until the last one) give the whole-batch step."""
     for name, launcher, extra in [("two", accelerate("ddp"), []), ("one_micro", [sys.executable], ["micro_batch_size=3"]),
                                   ("two_micro", torchrun(), ["micro_batch_size=1"])]:

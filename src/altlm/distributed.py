@@ -39,7 +39,8 @@ def _sharding_from_accelerate() -> str:
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
         return "ddp"
     # FSDP2 configs say fsdp_reshard_after_forward: true/false; FSDP1 ones a strategy name or number (2 = SHARD_GRAD_OP)
-    keep = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("false", "shard_grad_op", "2")
+    keep = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("false", "shard_grad_op", "2") or \
+        os.environ.get("FSDP_SHARDING_STRATEGY", "").lower() in ("shard_grad_op", "2")
     return "fsdp_grad_op" if keep else "fsdp"
 
 
@@ -94,9 +95,12 @@ class Processes:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         blocks = set(getattr(base, "_no_split_modules", None) or [])  # transformers' name for a decoder block class
         keep = self.sharding == "fsdp_grad_op"
-        for m in base.modules():
-            if type(m).__name__ in blocks:
-                fully_shard(m, reshard_after_forward=not keep)
+        units = [m for m in base.modules() if type(m).__name__ in blocks]
+        if not units and self.main:
+            print(f"warning: {type(base).__name__} names no decoder-block class (_no_split_modules): FSDP shards it as one unit, "
+                  "gathering every weight at once")
+        for m in units:
+            fully_shard(m, reshard_after_forward=not keep)
         fully_shard(model, reshard_after_forward=not keep)  # the rest (embeddings, tied head, final norm)
         return model
 
@@ -108,7 +112,7 @@ class Processes:
     def full(self, model, everyone: bool = True):
         """A plain module with `model`'s whole current weights: `model` itself unless FSDP sharded it; then a copy
         gathered from the shards (collective: every process calls it). everyone=False: only the main process
-        needs it (evaluation, checkpoints); the others get None."""
+        needs it (evaluation, checkpoints); under FSDP the others get None."""
         from torch.distributed.fsdp import FSDPModule
 
         if not isinstance(model, FSDPModule):

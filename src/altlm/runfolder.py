@@ -199,7 +199,7 @@ def load_snapshot(run: Path, step: int, model, opt: torch.optim.Optimizer | None
         name, k = key.rsplit(".", 1)  # AdamW's keys (step, exp_avg, exp_avg_sq) have no dot; parameter names do
         state.setdefault(name, {})[k] = value
     groups = meta.pop("param_groups")
-    for mine, saved in zip(opt.param_groups, groups):  # (the scheduler's initial_lr: set_state_dict fills only keys opt has)
+    for mine, saved in zip(opt.param_groups, groups):  # set_state_dict raises KeyError on a key opt lacks: the scheduler's initial_lr
         mine.update({k: v for k, v in saved.items() if k not in mine})
     set_state_dict(model, opt, model_state_dict=weights, optim_state_dict={"state": state, "param_groups": groups}, options=options)
     return meta

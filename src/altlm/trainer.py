@@ -154,7 +154,7 @@ class ALTTrainer:
                     runfolder.prune_snapshots(self.run, keep=train_stats["steps"])
 
             # 5. Evaluate on held-out prompts; at the end under every feedback string (main process only).
-            last, full = it == cfg.iterations, self.procs.full(self.model, everyone=False)  # None but on the main process
+            last, full = it == cfg.iterations, self.procs.full(self.model, everyone=False)  # (FSDP: None but on the main process)
             if self.procs.main:
                 checkpoint.save(full, self.tokenizer, self.run / "checkpoint",
                                 checkpoint.run_meta(cfg, self.template, (self.exemplars() or [cfg.exemplar_text])[0], self.vocab_size, it))
@@ -315,16 +315,16 @@ class ALTTrainer:
         tok, bad, world = self.tokenizer, 0, self.procs.world
         for step in tqdm(range(start, steps), desc=f"iter {it} training", leave=False, disable=None):
             batch = rows[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            # Several processes: every N-th row each (a batch shorter than N gives some process a filler row, weight 0).
-            mine = batch[self.procs.rank::world]
-            weight, mine = int(bool(mine)), mine or batch[:1]
+            # Several processes: every N-th row each, in as many passes as the first (largest) share, as FSDP gathers
+            # weights in every pass; a pass past a process's rows (or a batch shorter than N) takes a filler row, weight 0.
+            mine, first = batch[self.procs.rank::world], len(batch[::world])
             # Token sums over the whole batch's token count, × N as DDP/FSDP average gradients: the update is one
             # process's step on the whole batch, however processes and micro-batches split it.
             denom = sum(len(self.template.target_ids(tok, r.completion, bool(r.truncated))) for r in batch) / world
-            micro, acc = cfg.micro_batch_size or len(mine), [0.0] * 6  # loss, nll·n, kl·n, entropy·n, n, non-finite
-            for j in range(0, len(mine), micro):  # gradient accumulation; DDP all-reduces once, at the last part
-                with self.procs.no_sync(self.ddp, skip=j + micro < len(mine)):
-                    self.micro_step(mine[j:j + micro], denom, weight, acc)
+            micro, acc = cfg.micro_batch_size or first, [0.0] * 6  # loss, nll·n, kl·n, entropy·n, n, non-finite
+            for j in range(0, first, micro):  # gradient accumulation; DDP all-reduces once, at the last part
+                with self.procs.no_sync(self.ddp, skip=j + micro < first):
+                    self.micro_step(mine[j:j + micro] or batch[:1], denom, int(bool(mine[j:j + micro])), acc)
             acc = self.procs.sum(acc)  # (one process: as is) all take or skip the step together
             n = max(acc[4], 1)
             loss_value, stats = acc[0] / world, {"nll": acc[1] / n, "kl": acc[2] / n, "entropy": acc[3] / n, "tokens": int(acc[4])}
