@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/altlm train --config toxicity-offline output_dir=runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile  # two workers, a test file each: 12 min here instead of 20
 
 clean-venv:
 	rm -rf $(VENV)
