@@ -42,10 +42,11 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def inference_model(model, dtype=None):
+def inference_model(model, dtype=None, owned: bool = False):
     """A frozen copy for sampling: LoRA merged in, weights cast once to `dtype` (bf16 where fast). Autocast
-    would re-cast every weight at every decoding step; a cast copy costs one deepcopy per sampling phase."""
-    m = copy.deepcopy(model)
+    would re-cast every weight at every decoding step; a cast copy costs one deepcopy per sampling phase.
+    owned=True: `model` is already a copy the caller hands over (FSDP's gathered weights): changed in place."""
+    m = model if owned else copy.deepcopy(model)
     if hasattr(m, "merge_and_unload"):
         m = m.float().merge_and_unload()  # merge in fp32 (frozen weights may be stored in bf16), then cast once
     if dtype is not None:
