@@ -190,6 +190,22 @@ def test_diverging_loss_stops_with_one_line(tmp_path):
     assert r.stderr.strip().startswith("altlm: training diverged: 2 non-finite losses in a row"), r.stderr[-2000:]
 
 
+def test_a_skipped_last_step_still_leaves_a_snapshot_to_resume_from(tmp_path):
+    """lr=1e30: step 2 of 3, the phase's last, is non-finite and skipped; a kill in the evaluation that follows
+    resumes from the phase's end snapshot (it used to be missing: the skip jumped past it)."""
+    from test_resume import altlm
+
+    run = tmp_path / "o"
+    args = ["train", "--config", "smoke", f"output_dir={run}", *CRASH, "iterations=1", "train_steps=3",
+            "learning_rate=1e30", "max_nonfinite_steps=3"]
+    r = altlm(args, tmp_path, failpoint="eval:2")  # eval 1 is the reference's, 2 the trained model's
+    assert r.returncode == -9 and "step 2: non-finite loss, batch skipped" in r.stdout, (r.returncode, r.stdout[-2000:])
+    assert (run / "resume" / "step-3").is_dir()
+    r = altlm(["train", "--resume", str(run)], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "summary.json").exists() and not (run / "resume").exists()
+
+
 def test_out_of_memory_in_sampling_halves_the_batch(tiny, monkeypatch, capsys):
     from altlm import sampler
     from altlm.template import Template

@@ -335,19 +335,19 @@ class ALTTrainer:
                 if bad >= cfg.max_nonfinite_steps:
                     raise AltlmError(f"training diverged: {bad} non-finite losses in a row (iteration {it}, step {step}); "
                                      "lower learning_rate or set precision=fp32, and start a new run folder")
-                continue
-            bad = 0
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            for k, v in zip(("loss", "nll", "kl", "entropy", "tokens"), (loss_value * acc[4], *acc[1:4], int(acc[4]))):
-                totals[k] += v
-            record = {"loss": loss_value, **stats, "lr": sched.get_last_lr()[0]}
-            if self.procs.main:
-                evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "step", "iteration": it, "step": step, **record}])
-            self.track(self.global_step, {f"train/{k}": v for k, v in record.items()})
-            self.global_step += 1
+            else:  # (a skipped step still reaches the snapshot below: the phase's last one must be written)
+                bad = 0
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                for k, v in zip(("loss", "nll", "kl", "entropy", "tokens"), (loss_value * acc[4], *acc[1:4], int(acc[4]))):
+                    totals[k] += v
+                record = {"loss": loss_value, **stats, "lr": sched.get_last_lr()[0]}
+                if self.procs.main:
+                    evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "step", "iteration": it, "step": step, **record}])
+                self.track(self.global_step, {f"train/{k}": v for k, v in record.items()})
+                self.global_step += 1
             runfolder.failpoint("train")
             if step + 1 == steps or (cfg.save_steps and (step + 1) % cfg.save_steps == 0):
                 runfolder.save_snapshot(self.run, step + 1, self.model, opt, {"totals": totals}, write=self.procs.main)
