@@ -18,7 +18,6 @@ import argparse
 import ctypes
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -83,12 +82,6 @@ def worker(args) -> None:
         Path(args.out).write_text(json.dumps([rows[r] for r in sorted(rows)]))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the tiny random model, 2 steps: a check that it runs")
@@ -109,8 +102,7 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     for n, sharding in settings:
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
-                   "--master_port", str(free_port()), __file__, "--worker", "--sharding", sharding, "--model", model,
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), __file__, "--worker", "--sharding", sharding, "--model", model,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(steps), "--out", tmp.name]
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if r.returncode != 0:

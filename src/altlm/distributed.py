@@ -52,7 +52,7 @@ class Processes:
         self.main = self.state.is_main_process
         self.device = self.state.device
         self.sharding = sharding if sharding != "auto" else _sharding_from_accelerate()
-        self._shell = None  # fsdp: the model's modules and buffers without parameters, filled by full()
+        self._shell = None  # fsdp: the model's modules and buffers without parameters (wrap), that full() fills
 
     def wait(self) -> None:
         if self.world > 1:

@@ -215,10 +215,10 @@ class ALTTrainer:
         """Step 1's samples: HF (batches dealt out over the processes, each staged as it finishes), or vLLM, restarted
         on the current weights and checked against them first. `done`: what a killed attempt already staged."""
         # (Without a separate reference_model, the untrained policy *is* the reference at iteration 1.)
-        src = self.ref_model if (it == 1 and self.ref_model is not None) else self.model
-        model, seed = self.procs.full(src), self.cfg.seed * 100_003 + it  # (FSDP: a gathered copy, ours to change)
+        model = self.procs.full(self.ref_model if (it == 1 and self.ref_model is not None) else self.model)
+        seed = self.cfg.seed * 100_003 + it
         if self.vllm is None:
-            out = sample(inference_model(model, self.amp, owned=model is not src), self.tokenizer, self.template, conditioned, self.train_settings,
+            out = sample(inference_model(model, self.amp, owned=model not in (self.model, self.ref_model)), self.tokenizer, self.template, conditioned, self.train_settings,
                          self.added_ids, seed=seed, desc=f"iter {it} sampling", done=done, shard=(self.procs.rank, self.procs.world),
                          on_batch=(lambda b: self._stage(it, b)) if self.procs.main else None)
             return self._gathered(it, out, self._stage)
@@ -384,7 +384,7 @@ class ALTTrainer:
         cfg, model = self.cfg, self.procs.full(model or self.model, everyone=False)  # (collective under FSDP)
         if not self.procs.main:
             return {}
-        im = inference_model(model, self.amp, owned=all(model is not m for m in (self.model, self.ref_model)))  # FSDP's gathered copy
+        im = inference_model(model, self.amp, owned=model not in (self.model, self.ref_model))  # (FSDP: the gathered copy)
         blocks, records = evaluation.evaluate(im, self.tokenizer, self.template, self.prompts.eval,
             [evaluation.Condition(fb, cfg.eval_samples_per_prompt) for fb in conditions], self.eval_settings,
             self.scorer, self.added_ids, cfg.seed + 7, label, self.fluency)
