@@ -126,7 +126,15 @@ class ALTConfig:
     sharding: str = _f("auto", "Several processes: ddp (each holds the whole model; gradients all-reduced), fsdp (FSDP2: weights, gradients and AdamW state sharded, a block's weights gathered for its forward and again for its backward: ZeRO-3's memory), fsdp_grad_op (kept gathered from forward to backward: ZeRO-2's trade). auto: fsdp/fsdp_grad_op under `accelerate launch` with an FSDP config (configs/accelerate/), else ddp. Ignored with one process.", choices=["auto", "ddp", "fsdp", "fsdp_grad_op"])
     learning_rate: float = _f(1e-4, "Peak learning rate (AdamW).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    warmup_ratio: float = _f(0.05, "Linear warmup share of each iteration's steps; then linear decay to 0. The optimiser is re-created each iteration.")
+    warmup_ratio: float = _f(0.05, "Linear warmup share of the schedule's steps (each iteration's, or the whole run's with lr_schedule=run/constant).")
+    lr_schedule: str = _f(
+        "iteration",
+        "iteration: a new AdamW each iteration, warmup then linear decay to 0 within it (the paper's TL;DR/HH runs); "
+        "run: one AdamW and one schedule over the whole run, warmup then linear decay to 0 at the last step (the "
+        "official toxicity code); constant: one AdamW over the run, warmup then the peak rate. run/constant need "
+        "train_steps > 0.",
+        choices=["iteration", "run", "constant"],
+    )
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     max_nonfinite_steps: int = _f(5, "Stop the run with a clear message after this many non-finite losses in a row (each such batch is skipped with a warning).")
     save_steps: int = _f(20, "Snapshot the training phase (trainable weights, optimiser, RNG) every N steps, so a killed run resumes mid-phase (0 = only at the end of each phase).")
@@ -184,6 +192,8 @@ class ALTConfig:
             raise AltlmError("config key 'judge_choice' needs feedback_type=lmc and judge_backend=hf")
         if self.template == "prefix" and "{feedback}" not in self.prefix_format:
             raise AltlmError("config key 'prefix_format' must contain {feedback}")
+        if self.lr_schedule != "iteration" and self.train_steps == 0:
+            raise AltlmError(f"config key 'lr_schedule' = {self.lr_schedule!r} needs train_steps > 0 (the run's step count)")
         if self.train_steps < 0:
             raise AltlmError(f"config key 'train_steps' must be >= 0, got {self.train_steps}")
         if not 0.0 < self.lora_layers <= 1.0 or not 0.0 < self.top_fraction <= 1.0:

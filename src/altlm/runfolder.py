@@ -170,14 +170,14 @@ def save_snapshot(run: Path, step: int, model, opt: torch.optim.Optimizer, extra
     os.replace(tmp, final)
 
 
-def load_snapshot(run: Path, step: int, model, opt: torch.optim.Optimizer | None) -> dict:
+def load_snapshot(run: Path, step: int, model, opt: torch.optim.Optimizer | None, folder: Path | None = None) -> dict:
     """Restore a snapshot into `model` (and `opt` and torch's RNG, unless opt is None); returns its `extra`.
     Every process reads the whole snapshot; an FSDP model keeps its shard of it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
-    folder = _snapshot_dir(run, step)
+    folder = folder or _snapshot_dir(run, step)
     try:
         weights = load_file(folder / "trainable.safetensors")
         meta = json.loads((folder / "snapshot.json").read_text())
@@ -203,6 +203,31 @@ def load_snapshot(run: Path, step: int, model, opt: torch.optim.Optimizer | None
         mine.update({k: v for k, v in saved.items() if k not in mine})
     set_state_dict(model, opt, model_state_dict=weights, optim_state_dict={"state": state, "param_groups": groups}, options=options)
     return meta
+
+
+def keep_optimizer_carry(run: Path, step: int) -> None:
+    """lr_schedule run/constant: keep the finished phase's snapshot (its AdamW moments) as `optimizer/`, which the
+    next iteration's phase starts from. A copy, then one rename: a kill leaves the old carry or the new one; the
+    progress record moves past the iteration only after this, so a resume redoes it from the same snapshot."""
+    source = _snapshot_dir(run, step)
+    if not source.exists():  # resumed after the rename and the prune, before the progress record: already kept
+        return
+    final = run / "optimizer"
+    for leftover in run.glob(".optimizer-*"):  # a copy a kill interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".optimizer-", dir=run))
+    for f in source.iterdir():
+        shutil.copy2(f, tmp / f.name)
+    old = run / ".optimizer-old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_optimizer_carry(run: Path, model, opt: torch.optim.Optimizer) -> None:
+    """Restore the previous iteration's AdamW moments (and the trainable weights, equal to the checkpoint's)."""
+    load_snapshot(run, 0, model, opt, folder=run / "optimizer")
 
 
 def prune_snapshots(run: Path, keep: int | None) -> None:

@@ -170,6 +170,8 @@ class ALTTrainer:
                         self.feedback.vocabulary or self.eval_words(), len(self.prompts.eval), cfg.eval_samples_per_prompt, time.time() - t0))
                     if cfg.report:
                         write_report([self.run], self.run)
+            if self.procs.main and cfg.lr_schedule != "iteration":
+                runfolder.keep_optimizer_carry(self.run, self.progress.step)  # before the progress moves past it
             self.save_progress(iteration_done=it, phase="sample", step=0, record={}, finished=last)
             if self.procs.main:
                 runfolder.prune_snapshots(self.run, keep=None)
@@ -302,15 +304,19 @@ class ALTTrainer:
                 rows = rows[:cfg.train_steps * cfg.batch_size]
         steps = math.ceil(len(rows) / cfg.batch_size)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        # Re-created each iteration (as the paper's TL;DR/HH runs).
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         totals, t0 = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0}, time.time()
         if start:
             totals = runfolder.load_snapshot(self.run, start, self.model, opt)["totals"]
-        warm = max(1, round(steps * cfg.warmup_ratio))
-        # last_epoch: the schedule goes on at the resumed step (the snapshot's param groups hold initial_lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))),
-                                                  last_epoch=start - 1)
+        elif cfg.lr_schedule != "iteration" and it > 1:
+            # One AdamW over the run: the moments (and step count) the previous iteration ended with.
+            runfolder.load_optimizer_carry(self.run, self.model, opt)
+            torch.manual_seed(cfg.seed * 100_003 + it)  # the carry holds the previous phase's RNG state
+        schedule = self.lr_multiplier(steps, offset=0 if cfg.lr_schedule == "iteration" else (it - 1) * cfg.train_steps)
+        for group in opt.param_groups:  # the carry holds the last step's decayed rate; the schedule starts from the peak
+            group["lr"] = group["initial_lr"] = cfg.learning_rate
+        # last_epoch: the schedule goes on at the resumed step
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule, last_epoch=start - 1)
         self.model.train()
         tok, bad, world = self.tokenizer, 0, self.procs.world
         for step in tqdm(range(start, steps), desc=f"iter {it} training", leave=False, disable=None):
@@ -358,6 +364,22 @@ class ALTTrainer:
         n = max(totals["tokens"], 1)
         return {"steps": steps, "examples": len(rows), "seconds": round(time.time() - t0, 2),
                 **{k: totals[k] / n for k in ("loss", "nll", "kl", "entropy")}, "tokens": totals["tokens"]}
+
+    def lr_multiplier(self, steps: int, offset: int):
+        """The learning-rate factor at step i of this phase. iteration: warmup over `warmup_ratio` of the phase's
+        `steps`, then linear decay to 0 at its end. run / constant: the same over the whole run's
+        iterations × train_steps (the phase's step i is the run's step offset + i); constant stays at the peak."""
+        cfg = self.cfg
+        total = steps if cfg.lr_schedule == "iteration" else cfg.iterations * cfg.train_steps
+        warm = max(1, round(total * cfg.warmup_ratio))
+
+        def multiplier(i: int) -> float:
+            step = offset + i
+            if step < warm or cfg.lr_schedule == "constant":
+                return min(1.0, (step + 1) / warm)
+            return max(0.0, (total - step) / max(1, total - warm))
+
+        return multiplier
 
     def micro_step(self, batch, denom: float, weight: int, acc: list[float]) -> None:
         """Forward, ALT loss and backward of one micro-batch (gradients accumulate); adds its sums to `acc`."""
