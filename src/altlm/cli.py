@@ -107,10 +107,30 @@ def print_summary(s: dict) -> None:
     print(f"exemplar vs untagged reference: {m} mean {pct(red[f'{m}_mean'])}, share > 0.5 {pct(red[f'{m}_gt_0_5'])}; "
           f"steerability: Spearman(feedback rank, {m}) = {num(st['spearman_rho'])}, worst − best feedback = {num(st['gap'])} "
           f"(both {'> 0' if st.get('steered_sign', 1) > 0 else '< 0'} when the model follows the feedback)")
+    print_claims(s.get("claims"))
     ls = s.get("likelihood_steer")
     if ls and ls.get("spearman") is not None:
         print(f"likelihood check on {ls['n']} fixed reference texts: Spearman(log p(text | {ls['worst']}) − log p(text | {ls['best']}), "
               f"badness) = {ls['spearman']:.3f} (> 0 when the model follows the feedback; no sampling noise)")
+
+
+def print_claims(c: dict | None) -> None:
+    """Each claim with its estimate, interval and whether it holds (summary.json → claims)."""
+    if not c:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"claims: bootstrap over {c['prompts']} held-out prompts ({c['bootstrap']} resamples); "
+                    f"scores {c['sign']}")
+    for col in ("claim", "estimate", "interval", "target", "holds"):
+        t.add_column(col)
+    for row in c["claims"]:
+        lo, hi = row["interval"]
+        level = f"{round(row['level'] * 100)}%"
+        t.add_row(row["claim"], f"{row['estimate']:+.4f}", f"{level} [{lo:+.4f}, {hi:+.4f}]", row["target"],
+                  "yes" if row["holds"] else "NO")
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
 
 
 def _generate(args) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, evaluation, metrics, models, runfolder
+from . import checkpoint, claims, evaluation, metrics, models, runfolder
 from .config import ALTConfig
 from .data import CONTINUATION_WORDS, load_prompts
 from .distributed import Processes
@@ -164,10 +164,7 @@ class ALTTrainer:
                     conditions = ([None] + words) if (every and cfg.eval_all_feedback) else (self.exemplars()[:1] or [None])
                     self.evaluate(it, conditions, label="policy", extra=self.progress.record, model=full)
                 if last:
-                    evals = [json.loads(line) for line in open(self.run / "metrics.jsonl") if '"kind": "eval"' in line]
-                    evaluation.write_json(self.run / "summary.json", evaluation.summarize_run(
-                        evals, self.scorer.name, self.scorer.higher_is_better, (self.exemplars() or ["<none>"])[0],
-                        self.feedback.vocabulary or self.eval_words(), len(self.prompts.eval), cfg.eval_samples_per_prompt, time.time() - t0))
+                    self.write_summary(time.time() - t0)
                     if cfg.report:
                         write_report([self.run], self.run)
             if self.procs.main and cfg.lr_schedule != "iteration":
@@ -183,6 +180,22 @@ class ALTTrainer:
         if self.tracker is not None:
             self.tracker.end_training()
         return json.loads((self.run / "summary.json").read_text())
+
+    def write_summary(self, wall: float) -> None:
+        """summary.json: the reference against the final model, and each claim with its bootstrap interval."""
+        cfg = self.cfg
+        evals = [json.loads(line) for line in open(self.run / "metrics.jsonl") if '"kind": "eval"' in line]
+        exemplar = (self.exemplars() or ["<none>"])[0]
+        words = self.feedback.vocabulary or self.eval_words()
+        summary = evaluation.summarize_run(
+            evals, self.scorer.name, self.scorer.higher_is_better, exemplar, words,
+            len(self.prompts.eval), cfg.eval_samples_per_prompt, wall,
+        )
+        records = [json.loads(line) for line in open(self.run / "eval_samples.jsonl")]
+        eval_words = [w for w in words if w in summary["final"]["by_feedback"]]
+        if len(eval_words) >= 2:
+            summary["claims"] = claims.run_claims(records, eval_words, exemplar, self.scorer.higher_is_better, cfg.seed)
+        evaluation.write_json(self.run / "summary.json", summary)
 
     def commit_pool(self, it: int, rng: random.Random, requests, samples: list[Sample], fbs: list[Feedback], judge_before) -> dict:
         """Step 3 (main process): in one transaction with the progress record, flush (per drop_factor), add the
