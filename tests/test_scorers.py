@@ -158,3 +158,83 @@ def test_vader_ordering() -> None:
     assert s.name == "sentiment" and s.higher_is_better is True
     pos, neg, empty = s.score([""] * 3, ["I love this, it is wonderful!", "I hate this, it is awful.", ""])
     assert pos > 0.5 and neg < -0.5 and empty == 0.0
+
+
+# ---------------------------------------------------------------- the paper's toxicity recipes: an open classifier
+OPEN_CLASSIFIER = "unitary/unbiased-toxic-roberta"
+
+
+def save_tiny_toxicity_classifier(folder) -> str:
+    """A tiny random RoBERTa sequence classifier, multi-label like the recipes' classifier, with 'toxicity' at
+    index 2 (not 0) so that a scorer which ignored reward_label would read another output. No download: the
+    tokenizer is tiny-smollm2's (shipped offline), the weights are random."""
+    from transformers import AutoModelForSequenceClassification, RobertaConfig
+
+    from altlm import models
+
+    tok = models.load_tokenizer("tiny-smollm2")
+    labels = ["severe_toxicity", "obscene", "toxicity", "insult"]
+    config = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=600, pad_token_id=tok.pad_token_id,
+                           num_labels=len(labels), id2label=dict(enumerate(labels)),
+                           label2id={name: i for i, name in enumerate(labels)},
+                           problem_type="multi_label_classification")
+    torch.manual_seed(5)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("recipe", ["toxicity-rtp", "quark-toxicity-rtp"])
+def test_toxicity_recipes_score_through_scorer_hf(recipe, tmp_path) -> None:
+    """The recipe's own scorer settings (label, activation, text format, name, direction) built by the same
+    build_feedback call the trainer makes, with only reward_model pointed at a local folder; each score must be
+    sigmoid(logit of 'toxicity') on the text the recipe says, computed here by hand."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from altlm.config import load_config
+    from altlm.feedback import build_feedback, reward_models
+
+    folder = save_tiny_toxicity_classifier(tmp_path / "clf")
+    cfg = load_config(recipe, [f"reward_model={folder}"])
+    assert (cfg.scorer, cfg.reward_label, cfg.reward_activation) == ("hf", "toxicity", "sigmoid")
+    _, scorer = build_feedback(cfg, tmp_path)
+    assert isinstance(scorer, reward_models.HFClassifierScorer)
+    assert scorer.name == "toxicity" and scorer.higher_is_better is False
+    prompts, completions = ["The weather today", "He said that"], [" is lovely and calm.", " you are a stupid idiot"]
+    got = scorer.score(prompts, completions)  # one padded batch of two texts of different lengths
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    want = []
+    for p, c in zip(prompts, completions):
+        text = reward_models.render(cfg.reward_text_format, p, c)
+        with torch.no_grad():
+            logits = model(**tok(text, return_tensors="pt")).logits[0]
+        want.append(torch.sigmoid(logits[2]).item())
+    tol = dict(abs=1e-5) if not torch.cuda.is_available() else dict(abs=2e-2)  # bf16 on CUDA
+    assert got == pytest.approx(want, **tol)
+    assert got[0] != pytest.approx(got[1], abs=1e-6)  # two different texts: not one constant output
+
+
+def test_toxicity_recipes_keep_perspective_one_key_away() -> None:
+    from altlm.config import load_config
+
+    for recipe in ("toxicity-rtp", "quark-toxicity-rtp"):
+        cfg = load_config(recipe, ["scorer=perspective"])
+        assert cfg.scorer == "perspective" and cfg.perspective_api_key_env == "PERSPECTIVE_API_KEY"
+
+
+def test_toxicity_rtp_dry_run_shows_the_open_classifier_without_the_hub(tmp_path, monkeypatch) -> None:
+    from conftest import run_altlm
+
+    hub = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(hub))  # anything fetched or cached from the hub would land here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and any hub call would fail
+    r = run_altlm("train", "--config", "toxicity-rtp", "--dry-run", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "scorer: hf" in lines and f"reward_model: {OPEN_CLASSIFIER}" in lines, r.stdout
+    assert "reward_label: toxicity" in lines and "reward_activation: sigmoid" in lines
+    assert any(line.startswith("# plan:") and "via hf" in line for line in lines), r.stdout
+    assert not hub.exists() or not any(hub.rglob("*")), sorted(hub.rglob("*"))
