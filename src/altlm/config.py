@@ -141,6 +141,13 @@ class ALTConfig:
     kl_coef: float = _f(0.05, "β: weight of the token-level KL to the reference (0 disables the reference forward).")
     entropy_coef: float = _f(0.06, "α: weight of the entropy bonus.")
     kl_direction: str = _f("ref_policy", "ref_policy: KL(reference‖policy) (ALT); policy_ref: KL(policy‖reference) (Quark's code).", choices=["ref_policy", "policy_ref"])
+    reference_cache: bool = _f(
+        True,
+        "LoRA with KL(reference‖policy) on the prompt (the frozen base as reference, frozen head): compute the "
+        "reference's per-token mean output embedding and negative entropy once per pool row, at its first draw, and "
+        "reuse them, instead of a reference forward pass at every step (exact: loss.alt_loss; refcache.py). "
+        "Ignored (the reference forward runs) for other settings and with several processes.",
+    )
     reference_input: str = _f("prompt", "What the reference sees: prompt (no feedback prefix, ALT toxicity) or conditioned (same input as the policy).", choices=["prompt", "conditioned"])
     # --- sampling (training rounds) ---
     temperature: float = _f(1.0, "Sampling temperature for training rounds.")

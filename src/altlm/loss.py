@@ -14,6 +14,34 @@ import torch
 from .template import left_pad
 
 
+def _pad_targets(targets: list[list[int]], m: int, pad_id: int, device):
+    tgt = torch.full((len(targets), m), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(targets), m), dtype=torch.bool, device=device)
+    for i, t in enumerate(targets):
+        if t:
+            tgt[i, m - len(t):] = torch.tensor(t, device=device)
+            mask[i, m - len(t):] = True
+    return tgt, mask
+
+
+def target_hidden(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int):
+    """Like target_logits, but (final hidden states [B, M, D] before the LM head, logits [B, M, V], target ids,
+    mask): the reference cache's KL needs the hidden states. `model` is a causal LM or a peft model of one; its
+    body (`base_model`, e.g. LlamaModel) runs with the adapters as they are, then the head on the last M
+    positions, exactly as `logits_to_keep` does inside the causal LM's forward."""
+    seqs = [i + t for i, t in zip(inputs, targets)]
+    ids, attn, pos = left_pad(seqs, pad_id)
+    dev = next(model.parameters()).device
+    ids, attn, pos = ids.to(dev), attn.to(dev), pos.to(dev)
+    m = max(len(t) for t in targets)
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = causal_lm.base_model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+    hidden = out.last_hidden_state[:, -(m + 1):-1]
+    logits = causal_lm.get_output_embeddings()(hidden)
+    tgt, mask = _pad_targets(targets, m, pad_id, ids.device)
+    return hidden, logits, tgt, mask
+
+
 def target_logits(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int):
     """Run `inputs + targets` left-padded and return (logits [B, M, V], target ids [B, M], mask [B, M]) where
     M is the longest target. Left padding right-aligns every target, so only the last M+1 positions need the
@@ -25,12 +53,7 @@ def target_logits(model, inputs: list[list[int]], targets: list[list[int]], pad_
     m = max(len(t) for t in targets)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
                    logits_to_keep=m + 1).logits[:, :-1]
-    tgt = torch.full((len(targets), m), pad_id, dtype=torch.long, device=ids.device)
-    mask = torch.zeros((len(targets), m), dtype=torch.bool, device=ids.device)
-    for i, t in enumerate(targets):
-        if t:
-            tgt[i, m - len(t):] = torch.tensor(t, device=ids.device)
-            mask[i, m - len(t):] = True
+    tgt, mask = _pad_targets(targets, m, pad_id, ids.device)
     return logits, tgt, mask
 
 
@@ -46,9 +69,16 @@ def mean_logprobs(model, inputs: list[list[int]], targets: list[list[int]], pad_
 
 def alt_loss(policy_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
              ref_logits: torch.Tensor | None = None, kl_coef: float = 0.05, entropy_coef: float = 0.06,
-             kl_direction: str = "ref_policy", vocab_size: int | None = None, denominator: float | None = None):
+             kl_direction: str = "ref_policy", vocab_size: int | None = None, denominator: float | None = None,
+             ref_stats: tuple | None = None):
     """Returns (loss, stats) with stats = token-level means of nll, kl, entropy (floats). The loss is the token
-    mean, or the token sum / `denominator` (distributed: every process divides by the same global count)."""
+    mean, or the token sum / `denominator` (distributed: every process divides by the same global count).
+
+    ref_stats = (hidden [N, D], ref_mean_embedding [N, D], ref_negentropy [N]) replaces ref_logits for
+    KL(reference‖policy) when the LM head W is frozen (LoRA): with q the reference distribution and z = W·h the
+    policy logits, Σ_v q_v log p_v = Σ_v q_v z_v − logsumexp(z) = h·(Wᵀq) − logsumexp(z), so
+    KL = Σ q log q − h·(Wᵀq) + logsumexp(z): exact, from two numbers per token the reference cache stores
+    (refcache.py) instead of the reference's whole vocabulary-wide distribution."""
     lp_all = policy_logits[mask].float()  # [N, V]: completion positions only
     n = lp_all.shape[0]
     if n == 0:
@@ -61,7 +91,13 @@ def alt_loss(policy_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
     entropy = -(p * logp).sum(-1)
     loss_tok = nll - entropy_coef * entropy
     kl = torch.zeros_like(nll)
-    if ref_logits is not None and kl_coef != 0.0:
+    if ref_stats is not None and kl_coef != 0.0:
+        hidden, ref_mean_embedding, ref_negentropy = ref_stats
+        cross = (hidden.float() * ref_mean_embedding).sum(-1)
+        log_normaliser = lp_all[:, 0] - logp[:, 0]  # logsumexp(z), without another vocabulary-wide pass
+        kl = ref_negentropy - cross + log_normaliser
+        loss_tok = loss_tok + kl_coef * kl
+    elif ref_logits is not None and kl_coef != 0.0:
         ref_logp = torch.log_softmax(ref_logits[mask].float()[:, :v], -1)
         if kl_direction == "ref_policy":
             kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)

@@ -29,8 +29,9 @@ from .data import CONTINUATION_WORDS, load_prompts
 from .distributed import Processes
 from .errors import AltlmError
 from .feedback import Feedback, build_feedback
-from .loss import alt_loss, target_logits
+from .loss import alt_loss, target_hidden, target_logits
 from .pool import Pool, Row
+from .refcache import ReferenceCache
 from .report import open_trackers, write_report
 from .sampler import Sample, SampleSettings, inference_model, sample
 from .template import Template
@@ -87,6 +88,7 @@ class ALTTrainer:
         models.cast_frozen_linears(self.model, self.amp if cfg.training_mode == "lora" else None)
         # The training forward goes through DDP, or FSDP's shards; sampling, evaluation and saving get whole weights (procs.full).
         self.ddp = self.procs.wrap(self.model)
+        self.refcache = self.open_reference_cache()
         self.vllm = VLLMSampler.for_run(cfg, self.run, self.procs.world)  # None unless sampler=vllm
         self.fluency = evaluation.Fluency(cfg.perplexity_model, self.amp) if cfg.perplexity_model else None
         if self.procs.main:  # the only writer; the other processes read the pool once it is there
@@ -106,6 +108,22 @@ class ALTTrainer:
             return
         self.pool.set_progress(self.progress.to_dict())
         evaluation.write_json(self.run / "state.json", self.progress.to_dict())
+
+    def open_reference_cache(self) -> ReferenceCache | None:
+        """The reference cache where it is exact and one process trains (refcache.py); None: the reference forward."""
+        cfg = self.cfg
+        head = self.model.get_output_embeddings()
+        exact = (cfg.training_mode == "lora" and cfg.kl_coef != 0.0 and cfg.reference_input == "prompt"
+                 and cfg.kl_direction == "ref_policy" and not head.weight.requires_grad and head.bias is None)
+        if not (cfg.reference_cache and exact and self.procs.world == 1):
+            return None
+        cache = ReferenceCache(self.run)
+        # Entries up to the point this run resumes from: its training snapshot, or the last finished iteration.
+        if self.progress.phase in ("train", "eval"):
+            cache.load(self.progress.iteration_done + 1, self.progress.step)
+        else:
+            cache.load(self.progress.iteration_done, 10**9)
+        return cache
 
     def track(self, step: int, values: dict) -> None:
         if self.tracker is not None:
@@ -174,6 +192,8 @@ class ALTTrainer:
                 runfolder.prune_snapshots(self.run, keep=None)
             self.procs.wait()
 
+        if self.refcache is not None and self.procs.main:
+            self.refcache.remove()  # needed only to resume, and the run is finished
         self.pool.close()
         if hasattr(self.feedback, "judge"):
             self.feedback.judge.close()
@@ -318,7 +338,7 @@ class ALTTrainer:
         steps = math.ceil(len(rows) / cfg.batch_size)
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        totals, t0 = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0}, time.time()
+        totals, t0 = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0, "reference_forward_rows": 0}, time.time()
         if start:
             totals = runfolder.load_snapshot(self.run, start, self.model, opt)["totals"]
         elif cfg.lr_schedule != "iteration" and it > 1:
@@ -341,10 +361,13 @@ class ALTTrainer:
             # process's step on the whole batch, however processes and micro-batches split it.
             denom = sum(len(self.template.target_ids(tok, r.completion, bool(r.truncated))) for r in batch) / world
             micro, acc = cfg.micro_batch_size or first, [0.0] * 6  # loss, nll·n, kl·n, entropy·n, n, non-finite
+            misses_before = self.refcache.misses if self.refcache is not None else 0
             for j in range(0, first, micro):  # gradient accumulation; DDP all-reduces once, at the last part
                 with self.procs.no_sync(self.ddp, skip=j + micro < first):
                     self.micro_step(mine[j:j + micro] or batch[:1], denom, int(bool(mine[j:j + micro])), acc)
             acc = self.procs.sum(acc)  # (one process: as is) all take or skip the step together
+            if self.refcache is not None:
+                totals["reference_forward_rows"] = totals.get("reference_forward_rows", 0) + self.refcache.misses - misses_before
             n = max(acc[4], 1)
             loss_value, stats = acc[0] / world, {"nll": acc[1] / n, "kl": acc[2] / n, "entropy": acc[3] / n, "tokens": int(acc[4])}
             if acc[5]:
@@ -369,13 +392,17 @@ class ALTTrainer:
                 self.global_step += 1
             runfolder.failpoint("train")
             if step + 1 == steps or (cfg.save_steps and (step + 1) % cfg.save_steps == 0):
+                if self.refcache is not None:
+                    self.refcache.flush(it, step + 1)  # before the snapshot that a resume would start from
                 runfolder.save_snapshot(self.run, step + 1, self.model, opt, {"totals": totals}, write=self.procs.main)
                 if step + 1 < steps:  # the last one is recorded with the phase's end (train())
                     self.save_progress(step=step + 1)
                     if self.procs.main:
                         runfolder.prune_snapshots(self.run, keep=step + 1)
         n = max(totals["tokens"], 1)
-        return {"steps": steps, "examples": len(rows), "seconds": round(time.time() - t0, 2),
+        # rows whose reference statistics this phase computed; the other drawn rows reused them
+        cache = {"reference_forward_rows": totals["reference_forward_rows"]} if self.refcache is not None else {}
+        return {"steps": steps, "examples": len(rows), "seconds": round(time.time() - t0, 2), **cache,
                 **{k: totals[k] / n for k in ("loss", "nll", "kl", "entropy")}, "tokens": totals["tokens"]}
 
     def lr_multiplier(self, steps: int, offset: int):
@@ -399,15 +426,48 @@ class ALTTrainer:
         cfg, tok = self.cfg, self.tokenizer
         inputs = [self.template.input_ids(tok, r.feedback if cfg.use_feedback else None, r.prompt, cfg.max_prompt_tokens) for r in batch]
         targets = [self.template.target_ids(tok, r.completion, bool(r.truncated)) for r in batch]
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            logits, tgt, mask = target_logits(self.ddp, inputs, targets, tok.pad_token_id)
-            ref_in = inputs if cfg.reference_input == "conditioned" else [self.template.input_ids(tok, None, r.prompt, cfg.max_prompt_tokens) for r in batch]
-            ref_logits = self.reference_logits(ref_in, targets) if cfg.kl_coef else None
-        loss, stats = alt_loss(logits, tgt, mask, ref_logits, cfg.kl_coef, cfg.entropy_coef, cfg.kl_direction, self.vocab_size, denom)
+        autocast = torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+        ref_logits = ref_stats = None
+        if self.refcache is not None:
+            self.fill_reference_cache(batch, targets)
+            with autocast:
+                hidden, logits, tgt, mask = target_hidden(self.ddp, inputs, targets, tok.pad_token_id)
+            ref_stats = (hidden[mask], *self.refcache.gather([r.id for r in batch], hidden.device))
+        else:
+            with autocast:
+                logits, tgt, mask = target_logits(self.ddp, inputs, targets, tok.pad_token_id)
+                ref_in = inputs if cfg.reference_input == "conditioned" else [self.template.input_ids(tok, None, r.prompt, cfg.max_prompt_tokens) for r in batch]
+                ref_logits = self.reference_logits(ref_in, targets) if cfg.kl_coef else None
+        loss, stats = alt_loss(logits, tgt, mask, ref_logits, cfg.kl_coef, cfg.entropy_coef, cfg.kl_direction,
+                               self.vocab_size, denom, ref_stats=ref_stats)
         (loss * weight).backward()  # even when non-finite: under DDP every process must reach the all-reduce
         n = stats["tokens"] * weight
         for i, v in enumerate((loss.item() * weight, stats["nll"] * n, stats["kl"] * n, stats["entropy"] * n, n, not math.isfinite(loss.item()))):
             acc[i] += v
+
+    @torch.no_grad()
+    def fill_reference_cache(self, rows, targets) -> None:
+        """Reference statistics for the rows of a step that have none yet (refcache.py), in one forward pass."""
+        cfg, tok = self.cfg, self.tokenizer
+        missing = self.refcache.missing([r.id for r in rows])
+        if not missing:
+            return
+        ref_in = [self.template.input_ids(tok, None, rows[i].prompt, cfg.max_prompt_tokens) for i in missing]
+        ref_targets = [targets[i] for i in missing]
+        model = self.ref_model if self.ref_model is not None else self.model
+        adapter_off = self.model.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
+        with adapter_off, torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            _, logits, _, mask = target_hidden(model, ref_in, ref_targets, tok.pad_token_id)
+        log_q = torch.log_softmax(logits[mask].float()[:, :self.vocab_size], -1)
+        q = log_q.exp()
+        negentropy = (q * log_q).sum(-1)
+        head = self.model.get_output_embeddings().weight[:self.vocab_size].float()
+        mean_embedding = q @ head  # Wᵀq per token: [tokens, D]
+        start = 0
+        for i, t in zip(missing, ref_targets):
+            end = start + len(t)
+            self.refcache.add(rows[i].id, mean_embedding[start:end].clone(), negentropy[start:end].clone())
+            start = end
 
     @torch.no_grad()
     def reference_logits(self, inputs, targets):  # LoRA without a separate reference: the base is the adapter disabled

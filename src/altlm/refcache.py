@@ -1,0 +1,91 @@
+"""The reference cache: KL(reference‖policy) without a reference forward pass at every training step.
+
+With LoRA the reference is the frozen base and the LM head W is frozen too, so for a pool row (reference input:
+the prompt without feedback, then the completion) the reference's distribution q at each completion token never
+changes. The KL needs only two numbers of it per token (loss.alt_loss, `ref_stats`): the mean output embedding
+Wᵀq (a D-vector) and the negative entropy Σ q log q. They are computed the first time a row is drawn (one
+reference forward over the rows of the step that lack them) and reused by every later draw of the row.
+
+Resume stays exact: the entries computed since the last training snapshot are written with it
+(`refcache/it<i>-step<s>.safetensors`, temp file then rename), a resume reloads those up to its snapshot and
+drops any written after it, so the same rows are missing at the same steps and are computed in the same batches.
+The folder is removed when the run finishes (it is needed only to resume).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+FOLDER = "refcache"
+_NAME = re.compile(r"it(\d+)-step(\d+)\.safetensors")
+
+
+class ReferenceCache:
+    def __init__(self, run: Path):
+        self.folder = Path(run) / FOLDER
+        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row id → (Wᵀq [T, D], Σ q log q [T])
+        self.pending: list[int] = []  # computed since the last flush
+        self.hits = 0
+        self.misses = 0
+
+    def missing(self, row_ids: list[int]) -> list[int]:
+        """Positions (in `row_ids`) of rows without an entry; counts hits and misses."""
+        out = [i for i, r in enumerate(row_ids) if r not in self.entries]
+        self.misses += len(out)
+        self.hits += len(row_ids) - len(out)
+        return out
+
+    def add(self, row_id: int, mean_embedding: torch.Tensor, negentropy: torch.Tensor) -> None:
+        self.entries[row_id] = (mean_embedding, negentropy)
+        self.pending.append(row_id)
+
+    def gather(self, row_ids: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's entries, rows in order, each row's tokens in order: the order of `hidden[mask]`."""
+        embeddings = torch.cat([self.entries[r][0] for r in row_ids]).to(device)
+        negentropy = torch.cat([self.entries[r][1] for r in row_ids]).to(device)
+        return embeddings, negentropy
+
+    def flush(self, iteration: int, step: int) -> None:
+        """Write the entries computed since the last flush, as of training step `step` of `iteration`."""
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for r in self.pending:
+            tensors[f"{r}.mean_embedding"] = self.entries[r][0].contiguous()
+            tensors[f"{r}.negentropy"] = self.entries[r][1].contiguous()
+        final = self.folder / f"it{iteration}-step{step}.safetensors"
+        tmp = final.with_suffix(".tmp")
+        save_file(tensors, tmp)
+        os.replace(tmp, final)
+        self.pending = []
+
+    def load(self, iteration: int, step: int) -> None:
+        """Entries written up to training step `step` of `iteration` (the resume point); later files are a
+        killed attempt's and are removed: that work is redone."""
+        from safetensors.torch import load_file
+
+        if not self.folder.exists():
+            return
+        for path in sorted(self.folder.iterdir()):
+            found = _NAME.fullmatch(path.name)
+            if found is None:  # a temp file a kill left behind
+                path.unlink()
+                continue
+            if (int(found[1]), int(found[2])) > (iteration, step):
+                path.unlink()
+                continue
+            tensors = load_file(path)
+            for key in tensors:
+                if key.endswith(".mean_embedding"):
+                    r = int(key.split(".")[0])
+                    self.entries[r] = (tensors[key], tensors[f"{r}.negentropy"])
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

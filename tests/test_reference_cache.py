@@ -1,0 +1,103 @@
+"""The reference cache (refcache.py): KL(reference‖policy) from two cached numbers per token equals the KL from the
+reference's whole distribution, and a run with the cache trains as a run without it."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from test_resume import CRASH, altlm
+from test_train_smoke import jsonl
+
+from altlm import models
+from altlm.loss import alt_loss, target_hidden, target_logits
+from altlm.refcache import ReferenceCache
+
+LORA = dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], layers=0.5,
+            train_new_tokens=False)
+
+
+def lora_tiny(tiny):
+    model = models.prepare_for_training(copy.deepcopy(tiny[0]), "lora", 0.3, LORA, [])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA starts as the identity (B = 0): move it so the policy differs from the reference
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def batch(tok, n=5):
+    inputs = [tok(f"prompt number {i} says", add_special_tokens=False).input_ids for i in range(n)]
+    targets = [tok(" and then" + " more" * i, add_special_tokens=False).input_ids for i in range(n)]
+    return inputs, targets
+
+
+def test_cached_kl_equals_the_full_distribution_kl_with_the_same_gradients(tiny):
+    model, tok = lora_tiny(tiny), tiny[1]
+    inputs, targets = batch(tok)
+    v = len(tok)
+    # the old path: the reference's logits at every step
+    logits, tgt, mask = target_logits(model, inputs, targets, tok.pad_token_id)
+    with torch.no_grad(), model.disable_adapter():
+        ref_logits = target_logits(model, inputs, targets, tok.pad_token_id)[0]
+    old_loss, old = alt_loss(logits, tgt, mask, ref_logits, 0.05, 0.06, vocab_size=v)
+    old_loss.backward()
+    old_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    assert old["kl"] > 1e-4  # the policy is not the reference: the comparison means something
+    # the new path: Wᵀq and Σ q log q per token, then the policy's hidden states
+    with torch.no_grad(), model.disable_adapter():
+        _, r_logits, _, r_mask = target_hidden(model, inputs, targets, tok.pad_token_id)
+    log_q = torch.log_softmax(r_logits[r_mask].float()[:, :v], -1)
+    q = log_q.exp()
+    mean_embedding = q @ model.get_output_embeddings().weight[:v].float()
+    negentropy = (q * log_q).sum(-1)
+    hidden, logits2, tgt2, mask2 = target_hidden(model, inputs, targets, tok.pad_token_id)
+    assert torch.equal(tgt, tgt2) and torch.equal(mask, mask2)
+    new_loss, new = alt_loss(logits2, tgt2, mask2, None, 0.05, 0.06, vocab_size=v,
+                             ref_stats=(hidden[mask2], mean_embedding, negentropy))
+    new_loss.backward()
+    for k in ("nll", "kl", "entropy"):
+        assert abs(new[k] - old[k]) <= 1e-3 * abs(old[k]), (k, new[k], old[k])
+    assert abs(new_loss.item() - old_loss.item()) <= 1e-3 * abs(old_loss.item())
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            rel = (p.grad - old_grads[n]).norm() / old_grads[n].norm().clamp(min=1e-12)
+            assert rel < 1e-2, (n, float(rel))
+
+
+def test_cache_files_reload_up_to_the_resume_point_and_drop_later_ones(tmp_path):
+    cache = ReferenceCache(tmp_path)
+    for it, step, row in ((1, 2, 10), (1, 4, 11), (2, 2, 12)):
+        cache.add(row, torch.full((3, 4), float(row)), torch.full((3,), -float(row)))
+        cache.flush(it, step)
+    cache.flush(2, 3)  # nothing pending: no file
+    assert sorted(p.name for p in (tmp_path / "refcache").iterdir()) == [
+        "it1-step2.safetensors", "it1-step4.safetensors", "it2-step2.safetensors"]
+    resumed = ReferenceCache(tmp_path)
+    resumed.load(1, 4)  # resuming iteration 1 at its snapshot of step 4: iteration 2's file is a killed attempt's
+    assert sorted(resumed.entries) == [10, 11]
+    assert not (tmp_path / "refcache" / "it2-step2.safetensors").exists()
+    emb, neg = resumed.gather([11, 10], "cpu")
+    assert emb.shape == (6, 4) and emb[0, 0] == 11 and emb[3, 0] == 10 and neg[0] == -11
+    assert resumed.missing([10, 12, 11]) == [1]
+
+
+def test_a_run_with_the_cache_trains_as_one_without_it_and_computes_fewer_reference_rows(tmp_path):
+    common = ["train", "--config", "smoke", "training_mode=lora", *CRASH]
+    steps = {}
+    train = {}
+    for on in (True, False):
+        run = tmp_path / f"cache-{on}"
+        r = altlm([*common, f"output_dir={run}", f"reference_cache={str(on).lower()}"], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        steps[on] = [s for s in jsonl(run / "metrics.jsonl") if s["kind"] == "step"]
+        train[on] = [e["train"] for e in jsonl(run / "metrics.jsonl") if e["kind"] == "eval" and e.get("train")]
+        assert not (run / "refcache").exists()  # removed when the run finished
+    assert len(steps[True]) == len(steps[False]) == 6
+    for a, b in zip(steps[True], steps[False]):
+        for k in ("loss", "nll", "kl", "entropy"):
+            assert abs(a[k] - b[k]) <= 1e-3 * abs(b[k]) + 1e-7, (k, a, b)
+    forwards = [t["reference_forward_rows"] for t in train[True]]
+    assert forwards[0] <= 12 and forwards[1] < 12  # 12 rows drawn per iteration; iteration 2 reuses some
+    assert "reference_forward_rows" not in train[False][0]
