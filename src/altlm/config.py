@@ -165,6 +165,31 @@ class ALTConfig:
     eval_feedback: list[str] | None = _f(None, "Feedback strings evaluated at the end, on the reference and the final model (default: all feedback_words).")
     steer_eval_every: int = _f(0, "Also evaluate under every feedback string every N iterations, not only at the end (steerability over training; 0 = only at the end).")
     eval_all_feedback: bool = _f(True, "At the end, also evaluate the reference and final model under every feedback string (steerability and priming control).")
+    eval_conditions: str = _f(
+        "all",
+        "What the evaluations sample. all: the reference and the final model untagged and under every feedback "
+        "string. claims: only what summary.json's claims compare — the reference untagged and under the best and "
+        "worst strings (the priming control), the final model under every string — and perplexity only for the "
+        "untagged reference and the final exemplar.",
+        choices=["all", "claims"],
+    )
+    eval_middle_samples_per_prompt: int = _f(
+        0,
+        "Samples per held-out prompt under the feedback strings between the best and the worst (0 = "
+        "eval_samples_per_prompt): spend the samples where the claims are (best, worst, untagged).",
+    )
+    perplexity_samples_per_prompt: int = _f(0, "Samples per prompt scored by perplexity_model (0 = all).")
+    likelihood_texts: int = _f(
+        0,
+        "The likelihood check scores at most this many of the reference's evaluation texts (0 = all; two forward "
+        "passes each, at the reference and at the end).",
+    )
+    likelihood_auc_split: list[float] | None = _f(
+        None,
+        "[clean, bad]: the likelihood check also reports the AUC of log p(text | worst) − log p(text | best) "
+        "separating texts scoring worse than `bad` from texts better than `clean` (toxicity: [0.02, 0.5]); "
+        "None: the best and worst fifth of the texts.",
+    )
     perplexity_model: str | None = _f(None, "Scoring LM for fluency (perplexity of each completion given its prompt) at every evaluation, e.g. gemma3-270m or an HF id; None skips it (`altlm eval` computes it by default).")
     # --- logging ---
     report_to: str = _f("none", "Also log steps and evaluations through accelerate trackers: none, tensorboard, wandb or all (logs under <output_dir>/trackers).", choices=["none", "tensorboard", "wandb", "all"])
@@ -212,6 +237,11 @@ class ALTConfig:
                 raise AltlmError(f"config key '{k}' must be >= 1, got {getattr(self, k)}")
         if not 0.0 <= self.drop_factor <= 1.0:
             raise AltlmError(f"config key 'drop_factor' must be in [0, 1], got {self.drop_factor}")
+        if self.eval_middle_samples_per_prompt < 0 or self.perplexity_samples_per_prompt < 0 or self.likelihood_texts < 0:
+            raise AltlmError("config keys 'eval_middle_samples_per_prompt', 'perplexity_samples_per_prompt' and "
+                             "'likelihood_texts' must be >= 0")
+        if self.likelihood_auc_split is not None and len(self.likelihood_auc_split) != 2:
+            raise AltlmError("config key 'likelihood_auc_split' must be [clean, bad] (two scores) or null")
         if self.min_new_tokens > self.max_new_tokens:
             raise AltlmError("config key 'min_new_tokens' must not exceed 'max_new_tokens'")
         self._validate_data_and_scorer()

@@ -79,6 +79,7 @@ class Condition:
 
     feedback: str | None
     k: int
+    fluency: bool = True  # scored by the perplexity model (when the evaluation has one)
 
     @property
     def key(self) -> str:
@@ -103,7 +104,7 @@ def evaluate(model, tokenizer, template: Template, prompts: list[str], condition
         scores = scorer.score(ps, comps)
         t2 = time.perf_counter()
         ppl = None
-        if fluency:
+        if fluency and c.fluency:
             # The first `ppl_k` samples of each prompt: a mean over hundreds of samples is stable, and the scoring
             # LM's forward pass costs more than sampling (Gemma's 262k-word head).
             ppl_k = min(c.k, fluency.samples_per_prompt or c.k)
@@ -146,7 +147,8 @@ def steerability(blocks: dict[str, dict], vocabulary: list[str], metric: str, hi
 
 
 def likelihood_steer(model, tokenizer, template: Template, samples: list[dict], best: str, worst: str,
-                     higher_is_better: bool, max_prompt_tokens: int | None = None, batch_size: int = 32) -> dict:
+                     higher_is_better: bool, max_prompt_tokens: int | None = None, batch_size: int = 32,
+                     auc_split: list[float] | None = None) -> dict:
     """Steerability without sampling noise, on fixed scored completions (`samples`: prompt, completion, score —
     the reference's evaluation samples). Δ = log p(c | worst) − log p(c | best), per token: a model that follows
     its feedback finds the worse completions relatively likelier under the worst feedback, so Spearman(Δ, badness)
@@ -167,7 +169,27 @@ def likelihood_steer(model, tokenizer, template: Template, samples: list[dict], 
     badness = [-r["score"] if higher_is_better else r["score"] for r in rows]
     rho = metrics.spearman(delta, badness)
     return {"spearman": None if rho != rho else round(rho, 4), "n": len(rows), "delta_mean": round(sum(delta) / len(delta), 4),
-            "best": best, "worst": worst}
+            "best": best, "worst": worst, **separation(delta, [r["score"] for r in rows], higher_is_better, auc_split)}
+
+
+def separation(delta: list[float], scores: list[float], higher_is_better: bool, split: list[float] | None) -> dict:
+    """AUC: the chance that a bad text's Δ = log p(c | worst) − log p(c | best) exceeds a clean text's (0.5 = the
+    feedback tells them apart no better than chance). Bad and clean: beyond split = [clean, bad] in the scorer's
+    units (toxicity: > 0.5 vs < 0.02), or the worst and best fifth of the texts. The groups' sizes come with it."""
+    badness = [-s if higher_is_better else s for s in scores]
+    if split is not None:
+        clean_at, bad_at = (-split[0], -split[1]) if higher_is_better else (split[0], split[1])
+        bad = [d for d, b in zip(delta, badness) if b > bad_at]
+        clean = [d for d, b in zip(delta, badness) if b < clean_at]
+    else:
+        order = sorted(range(len(delta)), key=lambda i: badness[i])
+        fifth = max(1, len(order) // 5)
+        clean = [delta[i] for i in order[:fifth]]
+        bad = [delta[i] for i in order[-fifth:]]
+    if not bad or not clean:
+        return {"auc": None, "auc_bad": len(bad), "auc_clean": len(clean)}
+    wins = sum((b > c) + 0.5 * (b == c) for b in bad for c in clean)
+    return {"auc": round(wins / (len(bad) * len(clean)), 4), "auc_bad": len(bad), "auc_clean": len(clean)}
 
 
 def summarize_run(evals: list[dict], metric: str, higher_is_better: bool, exemplar: str, words: list[str],

@@ -90,7 +90,10 @@ class ALTTrainer:
         self.ddp = self.procs.wrap(self.model)
         self.refcache = self.open_reference_cache()
         self.vllm = VLLMSampler.for_run(cfg, self.run, self.procs.world)  # None unless sampler=vllm
-        self.fluency = evaluation.Fluency(cfg.perplexity_model, self.amp) if cfg.perplexity_model else None
+        self.fluency = None
+        if cfg.perplexity_model:
+            per_prompt = cfg.perplexity_samples_per_prompt or None
+            self.fluency = evaluation.Fluency(cfg.perplexity_model, self.amp, samples_per_prompt=per_prompt)
         if self.procs.main:  # the only writer; the other processes read the pool once it is there
             self.pool = runfolder.open_run(self.run, cfg.to_dict(), self.progress, resume)
         self.procs.wait()
@@ -134,8 +137,8 @@ class ALTTrainer:
         cfg, t0 = self.cfg, time.time()
         words = self.eval_words()
         if self.progress.phase == "reference":
-            # Iteration 0: the reference, untagged and under every feedback string (the priming control).
-            self.evaluate(0, [None] + (words if cfg.eval_all_feedback else []), label="reference", model=self.ref_model or self.model)
+            # Iteration 0: the reference, untagged and under the feedback strings (the priming control).
+            self.evaluate(0, self.reference_conditions(words), label="reference", model=self.ref_model or self.model)
             self.save_progress(phase="sample")
         if cfg.seed_pool and self.pool.count("iteration = 0") == 0:
             self.seed_pool()
@@ -179,7 +182,10 @@ class ALTTrainer:
                 every = last or bool(cfg.steer_eval_every and it % cfg.steer_eval_every == 0)  # under every feedback
                 if every or it % cfg.eval_every == 0:
                     words = self.eval_words()  # LMU: the sentences come from the pool, which has grown
-                    conditions = ([None] + words) if (every and cfg.eval_all_feedback) else (self.exemplars()[:1] or [None])
+                    if every and cfg.eval_all_feedback:
+                        conditions = words if cfg.eval_conditions == "claims" else [None] + words
+                    else:
+                        conditions = self.exemplars()[:1] or [None]
                     self.evaluate(it, conditions, label="policy", extra=self.progress.record, model=full)
                 if last:
                     self.write_summary(time.time() - t0)
@@ -475,21 +481,44 @@ class ALTTrainer:
             return target_logits(self.model if self.ref_model is None else self.ref_model, inputs, targets, self.tokenizer.pad_token_id)[0]
 
     # ------------------------------------------------------------------ evaluation
+    def reference_conditions(self, words: list[str]) -> list[str | None]:
+        """The reference's feedback strings: every one, or (eval_conditions=claims) the best and the worst."""
+        if not self.cfg.eval_all_feedback:
+            return [None]
+        if self.cfg.eval_conditions == "claims":
+            return [None] + list(dict.fromkeys([words[0], words[-1]]))
+        return [None] + words
+
+    def condition(self, it: int, feedback: str | None, words: list[str]) -> evaluation.Condition:
+        """How one feedback string is evaluated: its samples per prompt, and whether the perplexity model scores it."""
+        cfg = self.cfg
+        middle = feedback is not None and feedback not in (words[:1] + words[-1:])
+        k = cfg.eval_middle_samples_per_prompt if (middle and cfg.eval_middle_samples_per_prompt) else cfg.eval_samples_per_prompt
+        fluency = True
+        if cfg.eval_conditions == "claims":  # the claims compare the untagged reference with the final exemplar
+            fluency = feedback is None if it == 0 else feedback == cfg.exemplar_text
+        return evaluation.Condition(feedback, k, fluency)
+
     def evaluate(self, it: int, conditions: list[str | None], label: str, extra: dict | None = None, model=None) -> dict:
         cfg, model = self.cfg, self.procs.full(model or self.model, everyone=False)  # (collective under FSDP)
         if not self.procs.main:
             return {}
         im = inference_model(model, self.amp, owned=model not in (self.model, self.ref_model))  # (FSDP: the gathered copy)
+        words = [w for w in conditions if w is not None]
         blocks, records = evaluation.evaluate(im, self.tokenizer, self.template, self.prompts.eval,
-            [evaluation.Condition(fb, cfg.eval_samples_per_prompt) for fb in conditions], self.eval_settings,
+            [self.condition(it, fb, words) for fb in conditions], self.eval_settings,
             self.scorer, self.added_ids, cfg.seed + 7, label, self.fluency)
         evaluation.append_jsonl(self.run / "eval_samples.jsonl", [{"iteration": it, **r} for r in records])
         runfolder.failpoint("eval")
         record = {"kind": "eval", "iteration": it, "model": label, "by_feedback": blocks, **(extra or {})}
-        if len(conditions) > 2:  # under every feedback: also the noise-free check on the reference's texts (iteration 0: a control)
+        if len(words) >= 2:  # under several feedback strings: also the noise-free check on the reference's texts
             ref = [r for r in map(json.loads, open(self.run / "eval_samples.jsonl")) if r["iteration"] == 0]
-            record["likelihood_steer"] = evaluation.likelihood_steer(im, self.tokenizer, self.template, ref, conditions[1], conditions[-1],
-                                                                     self.scorer.higher_is_better, cfg.max_prompt_tokens)
+            if cfg.likelihood_texts:  # an even spread over the reference's conditions and prompts
+                ref = ref[::max(1, len(ref) // cfg.likelihood_texts)][:cfg.likelihood_texts]
+            record["likelihood_steer"] = evaluation.likelihood_steer(
+                im, self.tokenizer, self.template, ref, words[0], words[-1], self.scorer.higher_is_better,
+                cfg.max_prompt_tokens, auc_split=cfg.likelihood_auc_split,
+            )
         evaluation.append_jsonl(self.run / "metrics.jsonl", [record])
         self.track(it, {f"eval/{label}/{k}/{m}": v for k, b in blocks.items() for m, v in b.items()})
         return record
