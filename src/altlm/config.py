@@ -155,6 +155,13 @@ class ALTConfig:
     min_new_tokens: int = _f(3, "Minimum new tokens.")
     max_new_tokens: int = _f(20, "Maximum new tokens (hitting it mid-sentence marks a completion truncated).")
     sample_batch_size: int = _f(64, "Prompts per generate call.")
+    top_p_method: str = _f(
+        "reject",
+        "How top-p < 1 draws from the nucleus (both exact): reject (draw from the whole distribution, redraw when "
+        "the draw falls outside the nucleus: no sort) or sort (partial sort of the top 1,024 words, a full sort for "
+        "wider nuclei: the earlier path). The same seed gives other samples under the two.",
+        choices=["reject", "sort"],
+    )
     sampler: str = _f("hf", "hf: altlm's KV-cached sampler on the policy (CPU or GPU); vllm: vLLM on a CUDA GPU (pip install 'altlm[vllm]'), restarted on the trained weights each iteration and checked against them.", choices=["hf", "vllm"])
     vllm_gpu_memory_utilization: float = _f(0.3, "sampler=vllm: share of GPU memory vLLM may take (the policy trains on the same GPU).")
     # --- evaluation ---

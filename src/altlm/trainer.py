@@ -100,8 +100,12 @@ class ALTTrainer:
         if not self.procs.main:
             self.pool = Pool(self.run / "pool.sqlite")
         self.global_step = sum('"kind": "step"' in line for line in open(self.run / "metrics.jsonl")) if (self.run / "metrics.jsonl").exists() else 0
-        self.train_settings, self.eval_settings = (SampleSettings(t, p, cfg.min_new_tokens, cfg.max_new_tokens, cfg.sample_batch_size,
-                                                                  cfg.max_prompt_tokens) for t, p in ((cfg.temperature, cfg.top_p), (cfg.eval_temperature, cfg.eval_top_p)))
+        self.train_settings = SampleSettings(
+            temperature=cfg.temperature, top_p=cfg.top_p,
+            min_new_tokens=cfg.min_new_tokens, max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.sample_batch_size, max_prompt_tokens=cfg.max_prompt_tokens, top_p_method=cfg.top_p_method,
+        )
+        self.eval_settings = dataclasses.replace(self.train_settings, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
 
     # ------------------------------------------------------------------ run folder
     def save_progress(self, **changes) -> None:
