@@ -138,6 +138,129 @@ def bench_training(model, tok, amp, mode: str, batches: list[int], steps: int, n
     return rows
 
 
+def demo_batch(tok, b: int, seed: int = 0) -> tuple[list, list, list]:
+    """A batch shaped as the demo's: `[tag][<|separator|>]` + a 4-8 word fortune prefix, ≤ 20 completion tokens,
+    and the same prompt without the tag (the reference's input). Completions are real fortune text."""
+    from altlm.data import fortune_items
+
+    rng = random.Random(seed)
+    items = [x.split() for x in fortune_items(False) if len(x.split()) > 24]
+    picked = rng.sample(items, b)
+    tag = tok("Most Positive", add_special_tokens=False).input_ids + [tok.eos_token_id]  # the separator copies EOS
+    prompts = [tok(" ".join(w[:rng.randint(4, 8)]), add_special_tokens=False).input_ids for w in picked]
+    targets = [tok(" " + " ".join(w[8:24]), add_special_tokens=False).input_ids[:rng.randint(12, 20)] for w in picked]
+    return [tag + p for p in prompts], prompts, targets
+
+
+def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: int, lora_layers: float) -> list[dict]:
+    """The LoRA training step at the demo's shapes, old path against new, side by side in one process:
+    old = a reference forward at every step (reference_cache=false); new = the cached reference statistics
+    (reference_cache=true, loss.alt_loss ref_stats) — `new_hit` when every row of the batch is cached (steady
+    state), `new_miss` when none is (the step that first draws the rows pays one reference forward for them)."""
+    import copy
+
+    from altlm.loss import target_hidden
+
+    lora = dict(r=16, alpha=32, dropout=0.0, layers=lora_layers, train_new_tokens=False,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    m = models.prepare_for_training(copy.deepcopy(model), "lora", 0.3, lora, [])
+    models.contiguous_lm_head(m)
+    models.cast_frozen_linears(m, amp)
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    v = len(tok)
+    autocast = lambda: torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
+    rows = []
+    for b in batches:
+        inputs, ref_inputs, targets = demo_batch(tok, b)
+
+        def reference_stats():
+            with torch.no_grad(), m.disable_adapter(), autocast():
+                _, logits, _, mask = target_hidden(m, ref_inputs, targets, tok.pad_token_id)
+            log_q = torch.log_softmax(logits[mask].float()[:, :v], -1)
+            q = log_q.exp()
+            return q @ m.get_output_embeddings().weight[:v].float(), (q * log_q).sum(-1)
+
+        cached = reference_stats()
+
+        def old_step():
+            with autocast():
+                logits, tgt, mask = target_logits(m, inputs, targets, tok.pad_token_id)
+                with torch.no_grad(), m.disable_adapter():
+                    ref = target_logits(m, ref_inputs, targets, tok.pad_token_id)[0]
+            loss, _ = alt_loss(logits, tgt, mask, ref, 0.05, 0.06, vocab_size=v)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def new_step(stats):
+            with autocast():
+                hidden, logits, tgt, mask = target_hidden(m, inputs, targets, tok.pad_token_id)
+            loss, _ = alt_loss(logits, tgt, mask, None, 0.05, 0.06, vocab_size=v, ref_stats=(hidden[mask], *stats))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        paths = {"old": old_step, "new_hit": lambda: new_step(cached), "new_miss": lambda: new_step(reference_stats())}
+        for f in paths.values():
+            f()  # warm-up
+        times = {k: [] for k in paths}
+        for _ in range(steps):  # interleaved, so a change in machine load hits every path alike
+            for k, f in paths.items():
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+        toks = sum(len(i) + len(t) for i, t in zip(inputs, targets))
+        ref_toks = sum(len(i) + len(t) for i, t in zip(ref_inputs, targets))
+        for k, ts in times.items():
+            dt = sorted(ts)[len(ts) // 2]  # the median step
+            # FLOPs: 2N per token forward, 2N per token backward through the adapted top blocks (activation
+            # gradients; lora_layers of them), + 2N per reference token when the reference forward runs
+            flops = (2 + 2 * lora_layers) * n_params * toks + (0 if k == "new_hit" else 2 * n_params * ref_toks)
+            rows.append({"path": k, "batch": b, "seconds_per_step": round(dt, 3), "examples_per_s": round(b / dt, 2),
+                         "tokens_per_s": round(toks / dt, 1), "gflops": round(flops / dt / 1e9, 1)})
+    return rows
+
+
+def bench_sampler_vs_generate(model, tok, amp, b: int, new_tokens: int, reps: int) -> list[dict]:
+    """altlm's sampler (top-p by rejection, and by sort) against HF `generate` on the same weights and dtype:
+    the same requests, top-p 0.9, T 1.0, a fixed number of new tokens (min = max), interleaved repetitions."""
+    import dataclasses
+
+    inf = inference_model(model, amp)
+    reqs = [(None, p) for p in prompts(b)]
+    settings = SampleSettings(1.0, 0.9, new_tokens, new_tokens, b, 64)
+    ids = [tok(p, add_special_tokens=False).input_ids for _, p in reqs]
+    from altlm.template import left_pad
+
+    pad_ids, attn, _ = left_pad(ids, tok.pad_token_id)
+
+    def generate():
+        with torch.no_grad():
+            inf.generate(input_ids=pad_ids, attention_mask=attn, do_sample=True, top_p=0.9, temperature=1.0, top_k=0,
+                         min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id)
+
+    paths = {
+        "altlm_reject": lambda: sample(inf, tok, Template(), reqs, settings, seed=0),
+        "altlm_sort": lambda: sample(inf, tok, Template(), reqs, dataclasses.replace(settings, top_p_method="sort"), seed=0),
+        "hf_generate": generate,
+    }
+    for f in paths.values():
+        f()
+    times = {k: [] for k in paths}
+    for _ in range(reps):
+        for k, f in paths.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    out = []
+    for k, ts in times.items():
+        dt = min(ts)
+        out.append({"path": k, "batch": b, "new_tokens": new_tokens, "seconds": round(dt, 2),
+                    "tokens_per_s": round(b * new_tokens / dt, 1)})
+    return out
+
+
 def bench_scoring(n: int) -> dict:
     from altlm.feedback import build_scorer
 
@@ -200,12 +323,41 @@ def profile(model, tok, amp, out: Path) -> dict:
     return rates
 
 
+def write_paths(res: dict, args, roof: dict) -> int:
+    """The side-by-side tables (old vs new training path; altlm's sampler vs HF generate) as JSON and markdown."""
+    R = roof["roofline_gflops"]
+    lines = [f"# Throughput, old vs new path (SmolLM2-135M, {res['compute_dtype']}, {res['machine']['threads']} threads)",
+             "", f"Roofline {R} GFLOP/s ({roof['roofline_dtype']}). `python benchmarks/throughput.py --paths-only`.", "",
+             "| LoRA step path | batch | s/step | examples/s | vs old | GFLOP/s | of roofline |", "|---|---|---|---|---|---|---|"]
+    old = {r["batch"]: r["examples_per_s"] for r in res["lora_paths"] if r["path"] == "old"}
+    for r in res["lora_paths"]:
+        ratio = r["examples_per_s"] / old[r["batch"]]
+        lines.append(f"| {r['path']} | {r['batch']} | {r['seconds_per_step']} | {r['examples_per_s']} | {ratio:.2f}x | "
+                     f"{r['gflops']} | {r['gflops'] / R:.0%} |")
+    lines += ["", "| sampler (top-p 0.9, same bf16 weights) | batch | new tokens | tokens/s | vs HF generate |",
+              "|---|---|---|---|---|"]
+    hf = next(r["tokens_per_s"] for r in res["sampler_vs_generate"] if r["path"] == "hf_generate")
+    for r in res["sampler_vs_generate"]:
+        lines.append(f"| {r['path']} | {r['batch']} | {r['new_tokens']} | {r['tokens_per_s']} | "
+                     f"{r['tokens_per_s'] / hf:.2f}x |")
+    out = Path(args.out).with_name("throughput_paths.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    os.replace(tmp, out)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: a one-minute check that everything runs")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default=str(ROOT / "results" / "throughput.json"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); roofline and workloads use the same")
+    ap.add_argument("--paths-only", action="store_true",
+                    help="only the side-by-side tables (old vs new LoRA step, sampler vs HF generate): throughput_paths.{json,md}")
     ap.add_argument("--profile", action="store_true", help="only profile sampling and write results/throughput_profile.txt")
     args = ap.parse_args(argv)
     if args.threads:
@@ -227,6 +379,11 @@ def main(argv=None) -> int:
     res["compute_dtype"] = "bf16" if amp is not None else "fp32"
     q = args.quick
     res["sampling_sweep"] = bench_sampling(model, tok, amp, [8, 32] if q else [16, 64, 128, 256], 8 if q else 32, n)
+    res["lora_paths"] = bench_lora_paths(model, tok, amp, [16] if q else [16, 32], 1 if q else 3, n, 0.5)
+    res["sampler_vs_generate"] = bench_sampler_vs_generate(model, tok, amp, 16 if q else 128, 8 if q else 20, 1 if q else 2)
+    if args.paths_only:
+        res["roofline_gflops"] = roof["roofline_gflops"]
+        return write_paths(res, args, roof)
     res["training_lora_sweep"] = bench_training(model, tok, amp, "lora", [8] if q else [8, 16, 32], 1 if q else 3, n, kl=True)
     res["training_full_sweep"] = bench_training(model, tok, amp, "full", [8] if q else [8, 16, 32], 1 if q else 3, n, kl=True)
     res["scoring"] = bench_scoring(64 if q else 512)

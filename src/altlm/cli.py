@@ -5,9 +5,11 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
+from . import progress
 from .errors import AltlmError
 
 
@@ -166,8 +168,10 @@ def _generate(args) -> int:
     settings = SampleSettings(s["temperature"], s["top_p"], s["min_new_tokens"], args.max_new_tokens or s["max_new_tokens"],
                               64, s["max_prompt_tokens"])
     requests = [(feedback, p) for p in prompts for _ in range(args.samples)]
+    started = time.time()
     outs = sample(inference_model(model, autocast_dtype("auto", model.device)), tok, template, requests, settings,
                   suppress, seed=args.seed)
+    progress.phase("generate", started, samples=len(outs))
     for (fb, p), o in zip(requests, outs):
         if args.json:
             print(json.dumps({"prompt": p, "feedback": fb, "completion": o.completion}))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import metrics, models
+from . import metrics, models, progress
 from .loss import mean_logprobs
 from .sampler import SampleSettings, sample
 from .template import Template
@@ -95,6 +95,7 @@ def evaluate(model, tokenizer, template: Template, prompts: list[str], condition
     blocks, records = {}, []
     for c in conditions:
         requests = [(c.feedback, p) for p in prompts for _ in range(c.k)]
+        started = time.time()
         t0 = time.perf_counter()
         samples = sample(model, tokenizer, template, requests, settings, suppress, seed=seed,
                          desc=f"eval {label} [{c.feedback or 'no feedback'}]")
@@ -117,6 +118,9 @@ def evaluate(model, tokenizer, template: Template, prompts: list[str], condition
                                           [s.completion_tokens for s in samples], scorer.higher_is_better, ppl)
         blocks[c.key]["seconds"] = {"sampling": round(t1 - t0, 1), "scoring": round(t2 - t1, 1),
                                     "perplexity": round(time.perf_counter() - t2, 1)}
+        progress.phase(f"evaluation {label} [{c.feedback or 'no feedback'}]", started,
+                       samples=len(samples), **{f"{scorer.name}_mean": blocks[c.key][f"{scorer.name}_mean"]},
+                       perplexity=blocks[c.key]["perplexity"])
         records += [{"model": label, "feedback": c.feedback, "prompt": p, "completion": comp, "score": sc,
                      **({"perplexity": ppl[i]} if ppl else {})}
                     for i, ((_, p), comp, sc) in enumerate(zip(requests, comps, scores))]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, claims, evaluation, metrics, models, runfolder
+from . import checkpoint, claims, evaluation, metrics, models, progress, runfolder
 from .config import ALTConfig
 from .data import CONTINUATION_WORDS, load_prompts
 from .distributed import Processes
@@ -157,12 +157,18 @@ class ALTTrainer:
             conditioned = [(rng.choice(exemplars) if exemplars else None, p) for _, p in requests]
             if self.progress.phase == "sample":
                 staged = self.pool.staged(it)  # what a killed attempt at this iteration already sampled and scored
+                started = time.time()
                 samples = self.sample_round(it, conditioned, {i: Sample(**s) for i, (s, _) in staged.items()})
+                progress.phase(f"iteration {it} sampling", started, samples=len(samples))
 
                 # 2. Feedback: RM gives a score per sample (its words come from the pool's quantiles, step 3);
                 #    an LLM judge gives the words itself. Samples it could not judge are kept, marked invalid.
                 judge_before = self.feedback.judge.stats.as_dict() if hasattr(self.feedback, "judge") else None
+                started = time.time()
                 fbs = self.score_staged(it, requests, samples, {i: Feedback(**f) for i, (_, f) in staged.items() if f})
+                scores = [f.score for f in fbs if f.score is not None and f.score == f.score]
+                progress.phase(f"iteration {it} feedback", started, scored=len(scores),
+                               mean_score=metrics.mean(scores) if scores else None)
 
                 # 3. Pool: the main process commits the samples and their feedback (and re-cuts the quantiles).
                 if self.procs.main:
@@ -173,7 +179,10 @@ class ALTTrainer:
 
             # 4. Train on feedback + prompt → completion, drawn from the pool; its end state is snapshotted.
             if self.progress.phase == "train":
+                started = time.time()
                 train_stats = self.train_phase(it)
+                progress.phase(f"iteration {it} training", started, steps=train_stats["steps"],
+                               examples=train_stats["examples"], loss=train_stats["loss"], kl=train_stats["kl"])
                 self.save_progress(phase="eval", step=train_stats["steps"], record={**self.progress.record, "train": train_stats})
                 if self.procs.main:
                     runfolder.prune_snapshots(self.run, keep=train_stats["steps"])
