@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,30 +69,60 @@ def _gguf_file(alias: str) -> tuple[str, str]:
     return str(folder), ggufs[0].name
 
 
+def _save_atomically(obj, target: Path) -> None:
+    """save_pretrained into a temp folder beside `target`, then one rename (a kill leaves no half folder)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for part in obj:
+            part.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.exists():  # lost a race with another process: theirs is as good
+            raise
+
+
+def _materialise_tokenizer(alias: str) -> Path:
+    """An alias's tokenizer alone, read from its GGUF once and cached: a tokenizer check (a bad bos_token, say)
+    answers without converting the model's weights first."""
+    model_folder = cache_root() / "models" / alias
+    if (model_folder / "tokenizer_config.json").exists():
+        return model_folder
+    target = cache_root() / "tokenizers" / alias
+    if (target / "tokenizer_config.json").exists():
+        return target
+    from transformers import AutoTokenizer
+
+    folder, name = _gguf_file(alias)
+    _save_atomically([AutoTokenizer.from_pretrained(folder, gguf_file=name)], target)
+    return target
+
+
 def _materialise_alias(alias: str) -> Path:
     """Dequantise an alias's GGUF once into a cached save_pretrained folder (atomic: temp dir, then rename)."""
     target = cache_root() / "models" / alias
     if (target / "config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     folder, name = _gguf_file(alias)
+    # One line instead of transformers' conversion bars, which would land between a later error and its exit
+    print(f"altlm: converting the {alias} GGUF once into {target} (cached for later runs)", file=sys.stderr, flush=True)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     # save_pretrained refuses GGUF-quantised markers ("not serializable"); the weights are already dense fp32.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():  # lost a race with another process: theirs is as good
-            raise
+    _save_atomically([model, tok], target)
     return target
 
 
@@ -126,7 +157,10 @@ def _hub_guard(name: str, fn, *args, **kwargs):
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    src = resolve(name)
+    if name in ALIASES or name in TINY:
+        src = str(_materialise_tokenizer(TINY[name][0] if name in TINY else name))
+    else:
+        src = resolve(name)
     tok = _hub_guard(name, AutoTokenizer.from_pretrained, src, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -45,6 +45,11 @@ class ALTTrainer:
         self.cfg, self.run = cfg, Path(cfg.output_dir)
         # Read-only until runfolder.open_run: bad input (config, files, models, a corrupt run) leaves the folder as it was.
         self.progress = runfolder.check(self.run, cfg.to_dict(), resume)
+        # The tokenizer first: input checks that need it answer before any model is loaded or converted.
+        self.tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+        self.vocab_size = len(self.tokenizer)  # logits beyond this belong to conditioning tokens
+        if cfg.bos_token and cfg.bos_token not in self.tokenizer.get_vocab():
+            raise AltlmError(f"config key 'bos_token': {cfg.bos_token!r} is not a token of {cfg.model}'s tokenizer (SmolLM2: '<|endoftext|>'; '' = none)")
         self.procs = Processes(cfg.sharding)  # one, or several under torchrun / accelerate launch (distributed.py)
         self.tracker = open_trackers(cfg.report_to, self.run, cfg.to_dict())
         if cfg.threads:
@@ -58,10 +63,6 @@ class ALTTrainer:
         # buckets: the feedback vocabulary (RM quantiles, LMC categories), or LMU's scores 3..0
         self.n_buckets = len(self.feedback.vocabulary) if self.feedback.vocabulary else 4
 
-        self.tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-        self.vocab_size = len(self.tokenizer)  # logits beyond this belong to conditioning tokens
-        if cfg.bos_token and cfg.bos_token not in self.tokenizer.get_vocab():
-            raise AltlmError(f"config key 'bos_token': {cfg.bos_token!r} is not a token of {cfg.model}'s tokenizer (SmolLM2: '<|endoftext|>'; '' = none)")
         base = models.load_model(cfg.model, cfg.trust_remote_code, seed=cfg.seed)
         new, init = self.template.new_tokens(cfg.feedback_words)
         self.added_ids = models.add_tokens(base, self.tokenizer, new, init) if new else []
