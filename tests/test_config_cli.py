@@ -125,10 +125,25 @@ def test_recipe_file_errors(tmp_path):
         C.load_config(str(typo))
 
 
-def test_help_text_lists_every_key():
-    text = C.help_text()
-    for f in dataclasses.fields(ALTConfig):
-        assert f"{f.name} (default" in text
+def test_help_config_lists_every_key_with_its_real_default(capsys):
+    """`altlm train --help-config`: one line per key a config file may hold, each with the default a config made
+    of no keys actually has and a non-empty explanation; every key a shipped recipe sets is among them."""
+    import re
+
+    from altlm.cli import main
+
+    assert main(["train", "--help-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    got = {}
+    for line in lines:
+        m = re.fullmatch(r"(\w+) \(default (.*?)\): (.+)", line)
+        assert m and m.group(3).strip(), line
+        got[m.group(1)] = m.group(2)
+    default = ALTConfig()
+    assert list(got) == list(default.to_dict())  # every key, in the order the config file is written
+    assert got == {k: repr(v) for k, v in dataclasses.asdict(default).items()}
+    for recipe in sorted(C.RECIPES_DIR.glob("*.yaml")):
+        assert set(yaml.safe_load(recipe.read_text())) <= set(got), recipe.name
 
 
 def test_to_dict_roundtrips_through_yaml():
@@ -198,6 +213,50 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, case):
     assert lines[0].startswith("altlm: ")
     assert "Traceback" not in r.stderr + r.stdout
     assert needle.lower() in lines[0].lower()
+
+
+def test_serve_on_a_taken_port_is_one_line(tmp_path):
+    from conftest import taken_port
+
+    with taken_port() as port:
+        r = run_altlm("serve", "--model", "tiny-smollm2", "--port", str(port), cwd=tmp_path, timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"altlm: serve: cannot listen on 127.0.0.1:{port}"), r.stderr
+    assert "pick another --port" in lines[0]
+
+
+def test_ctrl_c_exits_130_with_the_resume_command_that_works(tmp_path):
+    """SIGINT mid-run (once the run folder exists): exit 130 and a line with the command to go on; that command
+    finishes the run."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_train_smoke import SMALL
+
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "altlm", "train", "--config", "smoke", f"output_dir={run}",
+                          "iterations=2", *SMALL], cwd=tmp_path, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "state.json").exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (run / "state.json").exists(), "the run folder never appeared"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130, (p.returncode, err[-2000:])
+    assert f"Resume with: altlm train --resume {run}" in err, err[-2000:]
+    assert not json.loads((run / "state.json").read_text())["finished"]
+    r = run_altlm(*f"train --resume {run}".split(), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run / "state.json").read_text())["finished"] is True
 
 
 def test_failed_start_leaves_no_run_behind(tmp_path):

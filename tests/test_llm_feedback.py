@@ -8,13 +8,15 @@
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import run_altlm
+from conftest import closed_port, run_altlm
+from test_train_smoke import pool_rows
 
 from altlm.errors import AltlmError
 from altlm.feedback.judge import JudgeSettings
@@ -139,7 +141,8 @@ def scripted():
 
 
 def settings(url, **kw):
-    base = dict(backend="openai", model="scripted", base_url=url, concurrency=2, timeout=1.0, max_retries=5,
+    # A 10 s client timeout: a busy machine's slow answer must never count as a fault (only "stall" is one).
+    base = dict(backend="openai", model="scripted", base_url=url, concurrency=2, timeout=10.0, max_retries=5,
                 backoff_base=0.01, max_tokens=16)
     return JudgeSettings(**{**base, **kw})
 
@@ -149,8 +152,8 @@ COMPS = [f" answer number {i}" for i in range(6)]
 
 
 def test_faults_are_retried_counted_and_the_answers_still_arrive(scripted, tmp_path):
-    srv = scripted(faults=["500", "429", "garbage", "stall", "500"])
-    fb = LLMFeedback("lmc", settings(srv.url, concurrency=1), "lmc_hh", HH, tmp_path / "c.sqlite")
+    srv = scripted(faults=["500", "429", "garbage", "stall", "500"], stall_s=12.0)
+    fb = LLMFeedback("lmc", settings(srv.url, concurrency=1, timeout=4.0), "lmc_hh", HH, tmp_path / "c.sqlite")
     out = fb(PROMPTS, COMPS)
     stats = fb.judge.stats
     assert stats.retries == 5 and stats.failures == 0
@@ -255,7 +258,7 @@ SMALL = ["threads=1", "num_train_prompts=16", "num_eval_prompts=2", "prompts_per
 
 def lmc_args(url, cache):
     return ["feedback_type=lmc", f"feedback_words={json.dumps(HH)}", "judge_backend=openai", f"judge_base_url={url}",
-            "judge_model=scripted", f"judge_cache={cache}", "judge_timeout=1", "judge_max_retries=2", "template=prefix",
+            "judge_model=scripted", f"judge_cache={cache}", "judge_timeout=10", "judge_max_retries=2", "template=prefix",
             "prefix_format={feedback}.\\n\\n"]
 
 
@@ -279,8 +282,23 @@ def test_train_with_faulty_judge_completes_and_never_trains_on_invalid(scripted,
     assert sum(x["invalid"] for x in its) == len(invalid)
     assert all(x["judge"]["retries"] > 0 and x["judge"]["failures"] > 0 for x in its)
     assert all(x["judge"]["failures"] == x["invalid"] for x in its)
-    # the training draw only ever sees valid rows: pool rows are drawn with valid = 1
-    assert len(rows) - len(invalid) >= 1
+    # Training saw only valid rows: redo iteration 2's draw (its own seeded stream, over the whole final pool) and
+    # match it with the tokens the trainer logged for each step; every drawn row is a valid, labelled one.
+    import yaml
+
+    from altlm import models
+    from altlm.config import ALTConfig
+    from altlm.pool import Pool
+    from altlm.template import Template
+
+    cfg = ALTConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    pool = Pool(run / "pool.sqlite")
+    drawn = pool.draw_uniform(cfg.train_steps * cfg.batch_size, random.Random(f"{cfg.seed}/2/train"))
+    pool.db.close()
+    assert len(drawn) == 8 and all(r.valid and r.feedback in HH for r in drawn)
+    tok, template, b = models.load_tokenizer("tiny-smollm2"), Template.from_config(cfg), cfg.batch_size
+    want = [sum(len(template.target_ids(tok, r.completion, bool(r.truncated))) for r in drawn[i:i + b]) for i in (0, b)]
+    assert [x["tokens"] for x in recs if x["kind"] == "step" and x["iteration"] == 2] == want
 
 
 def test_the_api_key_is_used_but_never_written_anywhere(scripted, tmp_path, monkeypatch):
@@ -324,6 +342,12 @@ def test_lmu_run_with_the_in_process_judge(tmp_path):
     its = [x for x in its if x["kind"] == "iteration"]
     assert [x["judge"]["questions"] for x in its] == [12, 12]
     assert all(x["invalid"] == 12 for x in its)  # a random judge never answers in format; the run still completes
+    # No valid sample, so nothing to train on: no invalid row got a feedback, a bucket or an optimiser step.
+    rows = pool_rows(run)
+    assert len(rows) == 24 and all(r["valid"] == 0 and r["feedback"] is None and r["bucket"] is None for r in rows)
+    assert all(isinstance(r["raw"], str) for r in rows)  # the judge's unusable answers are kept
+    steps = [x for x in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()) if x["kind"] == "step"]
+    assert steps == []
 
 
 def test_judge_bad_input_is_one_line(scripted, tmp_path):
@@ -331,7 +355,9 @@ def test_judge_bad_input_is_one_line(scripted, tmp_path):
 
     base = ["train", "--config", "smoke", f"output_dir={tmp_path / 'x'}", *SMALL, "feedback_type=lmc",
             f"feedback_words={json.dumps(HH)}", "judge_backend=openai", "judge_model=m"]
-    one_error_line(run_altlm(*base, "judge_base_url=http://127.0.0.1:9/v1", "judge_timeout=2", cwd=tmp_path), "unreachable")
+    with closed_port() as port:
+        one_error_line(run_altlm(*base, f"judge_base_url=http://127.0.0.1:{port}/v1", "judge_timeout=2", cwd=tmp_path),
+                       "unreachable")
     srv = scripted()
     one_error_line(run_altlm(*base, f"judge_base_url={srv.url}", "judge_api_key_env=ALTLM_TEST_NO_SUCH_KEY", cwd=tmp_path),
                    "ALTLM_TEST_NO_SUCH_KEY is not set")

@@ -175,11 +175,15 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_run_as_it_was(runs, case, t
         assert not (tmp_path / "o").exists()
 
 
-def test_the_killed_runs_do_resume(runs):
-    """The folders the bad cases copied are good runs: resumed untouched, they finish."""
+def test_the_killed_runs_do_resume(runs, tmp_path):
+    """The folders the bad cases copied are good runs: resumed untouched, they finish. Each is resumed from a copy:
+    the shared folders stay killed for the cases that run after this test (in any order)."""
     for which in ("between", "midtrain"):
-        r = run_altlm("train", "--resume", str(runs[which]), cwd=runs["base"])
+        before = fingerprint(runs[which])
+        run = shutil.copytree(runs[which], tmp_path / which)
+        r = run_altlm("train", "--resume", str(run), cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
+        assert fingerprint(runs[which]) == before
 
 
 def test_diverging_loss_stops_with_one_line(tmp_path):
