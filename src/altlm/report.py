@@ -189,10 +189,44 @@ def steer_table(run: dict) -> list[tuple[str, str, dict]]:
     return out
 
 
+def plot_claims_means(means: dict, metric: str, path: Path) -> None:
+    """The mean score under each feedback string (best first, then untagged), reference and final model, with the
+    bootstrap 95% intervals of summary.json's claims: the demo's plot."""
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys([fb for fb in means["final"] if fb != "<none>"]
+                                + [fb for fb in means["reference"] if fb != "<none>"] + ["<none>"]))
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(labels)), 4.5))
+    for j, (model, name) in enumerate((("reference", "reference (untrained)"), ("final", "final (trained)"))):
+        xs, ys, errs = [], [], [[], []]
+        for i, fb in enumerate(labels):
+            block = means[model].get(fb)
+            if block is None:
+                continue
+            lo, hi = block["interval_95"]
+            xs.append(i + (j - 0.5) * 0.25)
+            ys.append(block["mean"])
+            errs[0].append(block["mean"] - lo)
+            errs[1].append(hi - block["mean"])
+        ax.errorbar(xs, ys, yerr=errs, fmt="o", capsize=4, label=name)
+    ax.set_xticks(range(len(labels)), [fb.replace("<none>", "(no feedback)") for fb in labels], rotation=15, fontsize=8)
+    ax.set_ylabel(f"{metric} mean (95% bootstrap interval over prompts)")
+    ax.set_title("the score under each feedback string: reference vs trained")
+    ax.axhline(means["reference"]["<none>"]["mean"], color="grey", lw=0.8, ls="--")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def plot_steer(run: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     m = _metric(run)
+    claims = (run["summary"] or {}).get("claims")
+    if claims:
+        plot_claims_means(claims["means"], m, path)
+        return
     rows = steer_table(run)
     labels = list(dict.fromkeys(fb for _, fb, _ in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5))
@@ -223,6 +257,15 @@ def _run_section(run: dict, out: Path, prefix: str) -> list[str]:
                   f"- likelihood check (fixed reference texts, no sampling noise; > 0 when the feedback is followed): "
                   f"Spearman(log p(text | worst) − log p(text | best), badness) = {_fmt((s.get('likelihood_steer') or {}).get('spearman'), 3)}",
                   f"- wall time {_fmt(s['wall_seconds'], 0)} s", ""]
+        if s.get("claims"):
+            c = s["claims"]
+            lines += [f"Claims (bootstrap over {c['prompts']} held-out prompts; scores {c['sign']}):", "",
+                      "| claim | estimate | interval | target | holds |", "|---|---|---|---|---|"]
+            for row in c["claims"]:
+                lo, hi = row["interval"]
+                lines.append(f"| {row['claim']} | {row['estimate']:+.4f} | {round(row['level'] * 100)}% [{lo:+.4f}, "
+                             f"{hi:+.4f}] | {row['target']} | {'yes' if row['holds'] else '**no**'} |")
+            lines.append("")
     rows = steer_table(run)
     if rows:
         lines += [f"| model | feedback | {m} mean | > 0.5 | avg max | prob | dist-2 | ppl | length | truncated |", "|---" * 10 + "|"]
