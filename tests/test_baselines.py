@@ -44,6 +44,9 @@ def test_quick_outputs(quick):
         for p in pts:
             assert 0.0 <= p["toxicity_mean"] <= 1.0 and 0.0 <= p["toxicity_gt_0_5"] <= 1.0
             assert {"perplexity", "dist_2"} <= set(p) and 0.0 <= p["dist_2"] <= 1.0
+            # the quick run scores with the random tiny model, whose perplexities (~5×10⁴) are all over the 1e4 cap:
+            # None here; the fluency numbers themselves: test_train_smoke::test_eval_fluency_end_to_end_under_the_cap
+            assert p["perplexity"] is None or 1 < p["perplexity"] < 1e4
     assert 0.0 <= data["reference"]["toxicity_mean"] <= 1.0
     assert "best_baseline" in data["targets"]
     md = (quick / "sample_efficiency.md").read_text()

@@ -83,6 +83,36 @@ def test_prefix_paper_strings(tiny):
     assert tok.decode(Template("prefix", "{feedback}.\n\n").condition_ids(tok, "Harmful")) == "Harmful.\n\n"
 
 
+@pytest.mark.parametrize("prompt", [PROMPT, TRICKY, "a prompt with {braces} and {feedback} in it"])
+def test_prompt_placeholder_in_prefix_format_puts_the_feedback_around_the_prompt(tiny, prompt):
+    """Chain-of-Hindsight's "{prompt} {feedback}:": ids(prompt), then ids(" A good summary:") — each part tokenised
+    on its own, the prompt's span unchanged (braces in it stay text) and the only part max_prompt_tokens cuts."""
+    _, tok = tiny
+    t = Template(style="prefix", prefix_format="Q: {prompt} {feedback}:")
+    got = t.input_ids(tok, "A good summary", prompt)
+    assert got == ids(tok, "Q: ") + ids(tok, prompt) + ids(tok, " A good summary:")
+    assert t.condition_ids(tok, "A good summary") == ids(tok, "Q: ")
+    assert t.after_prompt_ids(tok, "A good summary") == ids(tok, " A good summary:")
+    assert t.input_ids(tok, None, prompt) == ids(tok, prompt)  # unconditioned: the prompt alone
+    p = ids(tok, prompt)
+    assert t.input_ids(tok, "A good summary", prompt, max_prompt_tokens=3) == ids(tok, "Q: ") + p[-3:] + ids(tok, " A good summary:")
+
+
+@pytest.mark.parametrize("style", ["tag_separator", "prefix"])
+def test_prompt_format_wraps_the_prompt_text_before_tokenising(fresh_tiny, style):
+    """`prompt_format` shapes the prompt's text (e.g. a dialogue's turn markers); the feedback goes before it as
+    usual, and braces in the prompt are not format fields."""
+    model, tok = fresh_tiny
+    t = Template(style=style, prompt_format="Human: {prompt}\n\nAssistant:")
+    if style == "tag_separator":
+        models.add_tokens(model, tok, [t.separator_token], "eos")
+    prompt = "What is {x} in 2 + {y}?"
+    wrapped = ids(tok, f"Human: {prompt}\n\nAssistant:")
+    assert t.input_ids(tok, None, prompt) == wrapped
+    assert t.input_ids(tok, "Harmful", prompt) == t.condition_ids(tok, "Harmful") + wrapped
+    assert t.input_ids(tok, None, prompt, max_prompt_tokens=4) == wrapped[-4:]  # the wrapped text is the prompt
+
+
 # --------------------------------------------------------------------------- quark
 
 
