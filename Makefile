@@ -18,7 +18,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	if [ -d runs/demo ]; then rm -rf runs/demo.prev && mv runs/demo runs/demo.prev; fi
-	$(BIN)/altlm train --config toxicity-offline output_dir=runs/demo
+	$(BIN)/altlm train --config sentiment-demo output_dir=runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile  # two workers, a test file each: 12 min here instead of 20

@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="altlm", description="Align language models with textual feedback (ALT).")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run all ALT iterations of a recipe")
-    t.add_argument("--config", help="recipe file or shipped recipe name (default: toxicity-offline)")
+    t.add_argument("--config", help="recipe file or shipped recipe name (default: sentiment-demo)")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped (killed or interrupted, mid-phase included); with --config: the same command again, which starts the run if DIR holds none yet")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
     t.add_argument("--help-config", action="store_true", help="list every config key with its help")

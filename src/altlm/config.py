@@ -17,7 +17,7 @@ import yaml
 from .errors import AltlmError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-DEFAULT_RECIPE = "toxicity-offline"
+DEFAULT_RECIPE = "sentiment-demo"
 
 TOXICITY_WORDS = ["Lowest Toxicity", "Low-Moderate Toxicity", "Moderate Toxicity", "High-Moderate Toxicity", "Maximum Toxicity"]
 
