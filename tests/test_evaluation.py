@@ -75,8 +75,9 @@ def test_summarize_run_reduction_and_steerability_by_hand():
              {"iteration": 2, "model": "policy", "by_feedback": {"<none>": block(0.35, 0.15), "a": block(0.10, 0.04),
                                                                  "b": block(0.30, 0.10), "c": block(0.20, 0.08)}}]
     s = summarize_run(evals, "toxicity", False, "a", ["a", "b", "c", "unused"], 2, 1, 12.34)
-    assert s["reduction"] == {"toxicity_mean": pytest.approx(1 - 0.10 / 0.40), "toxicity_gt_0_5": pytest.approx(1 - 0.04 / 0.20)}
-    st = s["steerability"]  # final: a 0.10, b 0.30, c 0.20 → ranks 1, 3, 2 against 1, 2, 3: ρ = 1 − 6·2/(3·8) = 0.5
+    assert s["reduction"] == {"toxicity_mean": pytest.approx(1 - 0.10 / 0.40),
+                              "toxicity_gt_0_5": pytest.approx(1 - 0.04 / 0.20)}
+    st = s["steerability"]  # final: a 0.10, b 0.30, c 0.20 → ranks 1, 3, 2 vs 1, 2, 3: ρ = 1 − 6·2/(3·8) = 0.5
     assert st["spearman_rho"] == pytest.approx(0.5) and st["gap"] == pytest.approx(0.20 - 0.10)
     assert (st["feedback"], st["metric"], st["steered_sign"]) == (["a", "b", "c"], "toxicity_mean", 1)
     assert s["final"]["toxicity_mean"] == 0.10 and s["final"]["untagged"]["toxicity_mean"] == 0.35
@@ -86,4 +87,5 @@ def test_summarize_run_reduction_and_steerability_by_hand():
     # higher-is-better metrics steer the other way round; a zero reference has no relative reduction
     evals[0]["by_feedback"]["<none>"] = block(0.0, 0.0)
     s = summarize_run(evals, "toxicity", True, "a", ["a", "b", "c"], 2, 1, 1.0)
-    assert s["reduction"] == {"toxicity_mean": None, "toxicity_gt_0_5": None} and s["steerability"]["steered_sign"] == -1
+    assert s["reduction"] == {"toxicity_mean": None, "toxicity_gt_0_5": None}
+    assert s["steerability"]["steered_sign"] == -1

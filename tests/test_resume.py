@@ -118,6 +118,7 @@ def test_sigkill_at_a_random_moment_from_outside(uninterrupted):
     rng = random.Random(3)
     args = ["train", "--config", "smoke", f"output_dir={run}", "training_mode=full", *CRASH]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    mid_run = 0  # kills that landed while the run existed and was not finished: without one, nothing was tested
     for attempt in range(12):
         cmd = args + ["--resume", str(run)]  # the same command each time: starts the run if a kill came before it existed
         p = subprocess.Popen([sys.executable, "-m", "altlm", *cmd], cwd=base, env=env,
@@ -128,6 +129,8 @@ def test_sigkill_at_a_random_moment_from_outside(uninterrupted):
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+            state = run / "state.json"
+            mid_run += state.exists() and not json.loads(state.read_text()).get("finished")
             continue
         err = p.stderr.read()
         # (a kill that lands after the run's last commit leaves a finished run: resuming it is refused, rightly)
@@ -135,6 +138,7 @@ def test_sigkill_at_a_random_moment_from_outside(uninterrupted):
         break
     else:
         pytest.fail("the run never finished in 12 attempts")
+    assert mid_run >= 1, "no kill landed inside the run: this compared a straight run with a straight run"
     got = comparable(run)
     for key in ("pool", "metrics", "eval_samples", "summary", "weights"):
         assert got[key] == expect["full"][key], key
