@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean-venv bench
+.PHONY: demo test test-random install clean-venv bench
 
 $(STAMP): pyproject.toml requirements/cpu.txt requirements/offline.txt requirements/offline-nodeps.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,10 @@ demo: $(STAMP)
 	$(BIN)/altlm train --config sentiment-demo output_dir=runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile  # two workers, a test file each: 12 min here instead of 20
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -p no:randomly  # two workers, a test file each; fixed order
+
+test-random: $(STAMP)  # the same suite in a random order (pytest-randomly prints its seed; -p randomly_seed=N replays it)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -p randomly
 
 clean-venv:
 	rm -rf $(VENV)
