@@ -115,6 +115,8 @@ def decode(model, ids, attn, settings: SampleSettings, eos: list[int], suppress:
     """KV-cached ancestral sampling of up to max_new_tokens per row; rows that emitted EOS are padded after it.
     A plain loop instead of `generate`: on CPU, generate's per-step processors cost several times the forward."""
     # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes away).
+    if settings.max_new_tokens < 1:  # nothing to generate (torch.stack of no steps would fail)
+        return ids.new_empty((ids.shape[0], 0))
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
