@@ -51,3 +51,13 @@ def test_rejection_and_sort_agree_on_the_nucleus_and_top_p_one_is_unchanged():
     torch.manual_seed(0)
     d = draw(logits, 1.0, 1.0, method="sort")
     assert torch.equal(c, d)
+
+
+def test_decode_of_zero_new_tokens_returns_none(tiny):
+    from altlm.sampler import SampleSettings, decode
+    from altlm.template import left_pad
+
+    model, tok = tiny
+    ids, attn, _ = left_pad([[5, 6, 7], [8, 9]], tok.pad_token_id)
+    out = decode(model, ids, attn, SampleSettings(1.0, 1.0, 0, 0, 2, 8), [tok.eos_token_id], [], tok.pad_token_id)
+    assert out.shape == (2, 0)
