@@ -280,7 +280,8 @@ class ALTTrainer:
         self.vllm.sync(model, self.tokenizer)
         self.vllm.check(model, self.tokenizer, self.template, conditioned[:8], self.train_settings)
         todo = [i for i in range(len(conditioned)) if i not in done]
-        new = self.vllm.sample(self.tokenizer, self.template, [conditioned[i] for i in todo], self.train_settings, self.added_ids, seed)
+        new = self.vllm.sample(self.tokenizer, self.template, [conditioned[i] for i in todo], self.train_settings,
+                               self.added_ids, seed, indices=todo)  # per-request seeds by index: a resume draws alike
         self._stage(it, list(zip(todo, new)))
         done = {**done, **dict(zip(todo, new))}
         return [done[i] for i in range(len(conditioned))]
