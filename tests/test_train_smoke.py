@@ -143,13 +143,38 @@ def test_generate_json(smoke):
     assert all("<|separator|>" not in o["completion"] for o in out)
 
 
+def in_process_generate(run: Path, feedback: str | None, prompt: str, max_new_tokens: int, base: bool = False) -> str:
+    """What `altlm generate --run RUN` (seed 0) should print for one prompt, redone here: the checkpoint's trained
+    model, or (`base`) the untrained base model with the same tokens added, under the run's template."""
+    from altlm import checkpoint, models
+    from altlm.sampler import SampleSettings, inference_model, sample
+    from altlm.template import Template
+
+    model, tok, meta = checkpoint.load(run / "checkpoint")
+    if base:
+        model = checkpoint.base_model(meta, tok)
+    template, s = Template(**meta["template"]), meta["sampling"]
+    settings = SampleSettings(s["temperature"], s["top_p"], s["min_new_tokens"], max_new_tokens, 64,
+                              s["max_prompt_tokens"])
+    suppress = tok.convert_tokens_to_ids(template.new_tokens(meta["feedback_words"])[0])
+    dtype = models.autocast_dtype("auto", model.device)  # as generate: bf16 on CPUs with fast bf16 matmuls
+    (out,) = sample(inference_model(model, dtype), tok, template, [(feedback, prompt)], settings, suppress, seed=0)
+    return out.completion
+
+
 def test_generate_with_feedback(smoke):
+    """--feedback conditions what is generated, with the trained weights: the CLI prints exactly what the trained
+    model samples under that feedback, which differs from what it samples under the exemplar or with no feedback."""
     base, run, _ = smoke
     r = run_altlm("generate", "--run", str(run), "--json", "--feedback", "Maximum Toxicity", "--max-new-tokens", "5",
                   "some prompt", cwd=base)
     assert r.returncode == 0, r.stderr[-3000:]
     (o,) = [json.loads(line) for line in r.stdout.splitlines()]
     assert o["feedback"] == "Maximum Toxicity" and o["prompt"] == "some prompt" and o["completion"].strip()
+    assert o["completion"] == in_process_generate(run, "Maximum Toxicity", "some prompt", 5)
+    assert o["completion"] != in_process_generate(run, "Lowest Toxicity", "some prompt", 5)
+    assert o["completion"] != in_process_generate(run, None, "some prompt", 5)
+    assert o["completion"] != in_process_generate(run, "Maximum Toxicity", "some prompt", 5, base=True)
 
 
 def test_rerun_same_output_dir_is_refused(smoke):
@@ -186,15 +211,26 @@ def test_lora_run_and_generate(tmp_path):
     assert g.returncode == 0, g.stderr[-3000:]
     (o,) = [json.loads(line) for line in g.stdout.splitlines()]
     assert o["prompt"] == "hello there" and o["feedback"] == "Maximum Toxicity" and o["completion"].strip()
+    # the adapter is applied: the trained model's sample, not the base model's (LoRA trains no embeddings here)
+    max_new = json.loads((ck / "altlm.json").read_text())["sampling"]["max_new_tokens"]
+    assert o["completion"] == in_process_generate(run, "Maximum Toxicity", "hello there", max_new)
+    assert o["completion"] != in_process_generate(run, "Maximum Toxicity", "hello there", max_new, base=True)
 
 
 def test_run_without_all_feedback_eval(tmp_path):
     run = tmp_path / "r"
     r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "iterations=1", "eval_all_feedback=false", *SMALL,
                   cwd=tmp_path)
-    assert (run / "summary.json").exists()
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+    # the reference is evaluated unconditioned, the trained model under the exemplar only, never the other words
+    evals = [x for x in jsonl(run / "metrics.jsonl") if x["kind"] == "eval"]
+    assert [(e["iteration"], e["model"]) for e in evals] == [(0, "reference"), (1, "policy")]
+    assert set(evals[0]["by_feedback"]) == {"<none>"}
+    assert set(evals[1]["by_feedback"]) == {"Lowest Toxicity"}
+    assert {e["feedback"] for e in jsonl(run / "eval_samples.jsonl")} == {None, "Lowest Toxicity"}
+    s = json.loads((run / "summary.json").read_text())
+    assert list(s["final"]["by_feedback"]) == ["Lowest Toxicity"]
 
 
 def test_reference_model_is_the_baseline(tmp_path):
@@ -243,8 +279,30 @@ def test_smoke_run_writes_its_report_and_pool_records(smoke):
         assert sum(p["new_bucket_distribution"]) == pytest.approx(1.0)
 
 
-def test_eval_run_reference_and_final(smoke):
-    base, run, _ = smoke
+def perplexity_by_hand(scorer: str, prompt: str, completion: str) -> float:
+    """The fluency number for one sample: exp(−mean log p(completion | BOS + prompt)) under the scoring LM, prompt
+    and completion tokenised apart, one unpadded fp32 forward pass."""
+    import math
+
+    import torch
+
+    from altlm import models
+
+    tok, model = models.load_tokenizer(scorer), models.load_model(scorer).eval()
+    p = [tok.bos_token_id] * (tok.bos_token_id is not None) + tok(prompt, add_special_tokens=False).input_ids
+    c = tok(completion, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1].float()
+    return math.exp(-torch.log_softmax(logits, -1)[range(len(c)), c].mean().item())
+
+
+def test_eval_run_reference_and_final(smoke, tmp_path):
+    import shutil
+
+    from altlm.metrics import perplexity_mean
+
+    base, shared, _ = smoke
+    run = shutil.copytree(shared, tmp_path / "run")  # eval.json and the report are written into the run: a copy's
     r = run_altlm("eval", "--run", str(run), "--num-prompts", "4", "--samples-per-prompt", "3", "--steer-samples-per-prompt", "1",
                   "--perplexity-model", "tiny-smollm2", cwd=base)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -268,10 +326,58 @@ def test_eval_run_reference_and_final(smoke):
     assert st["gap"] == pytest.approx(blocks["Maximum Toxicity"]["toxicity_mean"] - blocks["Lowest Toxicity"]["toxicity_mean"])
     samples = jsonl(run / "eval.samples.jsonl")
     assert len(samples) == 4 * 3 + 4 * 3 + 4 * 4 * 1
+    # a block's fluency is the capped mean of its samples' perplexities (here all over the 1e4 cap: None; a scoring
+    # LM with perplexities under the cap: test_eval_fluency_end_to_end_under_the_cap)
+    for model, blocks in ev["results"].items():
+        for fb, b in blocks.items():
+            mine = [e["perplexity"] for e in samples if e["model"] == model and (e["feedback"] or "<none>") == fb]
+            want = perplexity_mean([x for x in mine if x is not None])
+            assert b["perplexity"] == (None if want != want else pytest.approx(want))
     assert "avg max toxicity" in r.stdout and "wrote" in r.stdout
     # the eval table then shows up in the report
     assert run_altlm("report", str(run), cwd=base).returncode == 0
     assert "`altlm eval` (4 prompts" in (run / "report.md").read_text()
+
+
+def test_eval_no_reference_evaluates_the_trained_model_only(smoke, tmp_path):
+    import shutil
+
+    base, shared, _ = smoke
+    run = shutil.copytree(shared, tmp_path / "run")
+    r = run_altlm("eval", "--run", str(run), "--num-prompts", "2", "--samples-per-prompt", "1",
+                  "--steer-samples-per-prompt", "1", "--perplexity-model", "none", "--no-reference", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads((run / "eval.json").read_text())
+    assert list(ev["results"]) == ["final"] and list(ev["results"]["final"]) == TOXICITY_WORDS
+    assert {e["model"] for e in jsonl(run / "eval.samples.jsonl")} == {"final"}
+
+
+def test_eval_fluency_end_to_end_under_the_cap(tmp_path):
+    """A random tiny model's perplexities (~5×10⁴) are all over the 1e4 cap, so its fluency is always None. Here the
+    evaluated model and the scoring LM are one *peaked* tiny model (its final norm ×30: it all but always picks its
+    top token), so the completions it samples have perplexities near 1 under it: the numbers `altlm eval` reports
+    are checked against a hand computation, and the block's fluency is their mean."""
+    from altlm import models
+    from altlm.metrics import perplexity_mean
+
+    peaked = tmp_path / "peaked-tiny"
+    model = models.load_model("tiny-smollm2", seed=0)
+    model.model.norm.weight.data *= 30
+    model.save_pretrained(peaked)
+    models.load_tokenizer("tiny-smollm2").save_pretrained(peaked)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hello there"}\n{"prompt": "You are a"}\n')
+    r = run_altlm("eval", "--model", str(peaked), "--prompts", str(prompts), "--samples-per-prompt", "2",
+                  "--perplexity-model", str(peaked), "--out", "e.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads((tmp_path / "e.json").read_text())
+    (block,) = ev["results"][str(peaked)].values()
+    samples = jsonl(tmp_path / "e.samples.jsonl")
+    ppl = [e["perplexity"] for e in samples]
+    assert len(ppl) == 4 and all(p is not None and 1 <= p < 10 for p in ppl), ppl
+    for e in samples:  # (the CLI may score in bf16 where the CPU has fast bf16 matmuls: a loose tolerance)
+        assert e["perplexity"] == pytest.approx(perplexity_by_hand(str(peaked), e["prompt"], e["completion"]), rel=0.1)
+    assert block["perplexity"] == pytest.approx(perplexity_mean(ppl))
 
 
 def test_eval_plain_model_on_a_prompt_file(tmp_path):
