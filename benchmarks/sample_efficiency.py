@@ -9,6 +9,7 @@ held-out prompts with the same seed; every method is evaluated at sample budgets
 generated for training. Writes <out>/sample_efficiency.{json,md,png} atomically (JSON shape: docs/baselines.md).
 Needs `pip install -e '.[baselines]'` (trl==1.12.0: the last TRL with a PPOTrainer).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,14 @@ from altlm.errors import AltlmError  # noqa: E402
 from altlm.evaluation import clean  # noqa: E402
 
 METHODS = ["alt", "quark", "sft", "best_of_n", "ppo", "rloo"]
-LABELS = {"alt": "ALT-RM", "quark": "Quark", "sft": "SFT (ref. samples)", "best_of_n": "best-of-n SFT", "ppo": "PPO (TRL)",
-          "rloo": "RLOO (TRL)"}
+LABELS = {
+    "alt": "ALT-RM",
+    "quark": "Quark",
+    "sft": "SFT (ref. samples)",
+    "best_of_n": "best-of-n SFT",
+    "ppo": "PPO (TRL)",
+    "rloo": "RLOO (TRL)",
+}
 SENTIMENT_WORDS = ["Very Positive", "Positive", "Neutral", "Negative", "Very Negative"]
 
 
@@ -38,12 +45,12 @@ SENTIMENT_WORDS = ["Very Positive", "Positive", "Neutral", "Negative", "Very Neg
 class Sizes:
     model: str = "smollm2-135m"
     budgets: tuple[int, ...] = (256, 512)  # every method is evaluated here
-    alt_round: int = 128                        # ALT/Quark/SFT/best-of-n samples per round (ALT: per iteration)
-    samples_per_prompt: int = 2                 # ALT/Quark/SFT: completions per prompt; RLOO's k
-    best_of: int = 4                            # best-of-n: n
-    steps_per_round: int = 8                    # optimiser steps per round of alt_round samples (batch 16)
-    rl_rollout: int = 64                        # PPO/RLOO completions per generation round
-    rl_minibatch: int = 16                      # PPO/RLOO sequences per optimiser step
+    alt_round: int = 128  # ALT/Quark/SFT/best-of-n samples per round (ALT: per iteration)
+    samples_per_prompt: int = 2  # ALT/Quark/SFT: completions per prompt; RLOO's k
+    best_of: int = 4  # best-of-n: n
+    steps_per_round: int = 8  # optimiser steps per round of alt_round samples (batch 16)
+    rl_rollout: int = 64  # PPO/RLOO completions per generation round
+    rl_minibatch: int = 16  # PPO/RLOO sequences per optimiser step
     rl_lr: float = 1e-4
     ppo_epochs: int = 1
     eval_prompts: int = 64
@@ -52,15 +59,32 @@ class Sizes:
     perplexity_model: str | None = "gemma3-270m"
 
 
-QUICK = Sizes(model="tiny-smollm2", budgets=(16,), alt_round=16, best_of=4, steps_per_round=1, rl_rollout=16,
-              rl_minibatch=8, eval_prompts=4, eval_samples_per_prompt=2, train_prompts=32, perplexity_model="tiny-smollm2")
+QUICK = Sizes(
+    model="tiny-smollm2",
+    budgets=(16,),
+    alt_round=16,
+    best_of=4,
+    steps_per_round=1,
+    rl_rollout=16,
+    rl_minibatch=8,
+    eval_prompts=4,
+    eval_samples_per_prompt=2,
+    train_prompts=32,
+    perplexity_model="tiny-smollm2",
+)
 
 
 def task_config(task: str, s: Sizes, threads: int):
     """The toxicity-offline recipe (model, LoRA, prompts, sampling, loss) resized; sentiment swaps the scorer."""
-    over = [f"model={s.model}", f"num_train_prompts={s.train_prompts}", f"num_eval_prompts={s.eval_prompts}",
-            f"eval_samples_per_prompt={s.eval_samples_per_prompt}", f"threads={threads}", "save_steps=0",
-            f"perplexity_model={s.perplexity_model or 'null'}"]
+    over = [
+        f"model={s.model}",
+        f"num_train_prompts={s.train_prompts}",
+        f"num_eval_prompts={s.eval_prompts}",
+        f"eval_samples_per_prompt={s.eval_samples_per_prompt}",
+        f"threads={threads}",
+        "save_steps=0",
+        f"perplexity_model={s.perplexity_model or 'null'}",
+    ]
     if s.model.startswith("tiny-"):
         over += ["max_new_tokens=8", "sample_batch_size=32"]
     if task == "sentiment":
@@ -73,15 +97,29 @@ def task_config(task: str, s: Sizes, threads: int):
 def run_task(task: str, s: Sizes, methods: list[str], work: Path, threads: int, on_method=None) -> dict:
     cfg = task_config(task, s, threads)
     h = B.Harness.build(cfg)
-    res = {"task": task, "metric": h.metric, "higher_is_better": h.scorer.higher_is_better, "methods": {}, "seconds": {},
-           "reference": None}
+    res = {
+        "task": task,
+        "metric": h.metric,
+        "higher_is_better": h.scorer.higher_is_better,
+        "methods": {},
+        "seconds": {},
+        "reference": None,
+    }
     budgets = list(s.budgets)
     alt_budgets = list(range(s.alt_round, budgets[-1] + 1, s.alt_round))
     for m in methods:
         t = time.time()
         print(f"== {task}: {m}", flush=True)
         if m in ("alt", "quark"):
-            pts, ref, _ = B.run_alt(h, alt_budgets, s.alt_round, s.samples_per_prompt, s.steps_per_round, work / task / m, quark=m == "quark")
+            pts, ref, _ = B.run_alt(
+                h,
+                alt_budgets,
+                s.alt_round,
+                s.samples_per_prompt,
+                s.steps_per_round,
+                work / task / m,
+                quark=m == "quark",
+            )
             res["reference"] = res["reference"] or ref
         elif m == "sft":
             pts, _ = B.run_self_training(h, "sft", budgets, s.alt_round, s.samples_per_prompt, s.steps_per_round)
@@ -90,14 +128,20 @@ def run_task(task: str, s: Sizes, methods: list[str], work: Path, threads: int, 
         elif m == "ppo":
             pts, _ = B.run_ppo(h, budgets, s.rl_rollout, s.rl_minibatch, s.rl_lr, s.ppo_epochs, work / task / m)
         elif m == "rloo":
-            pts, _ = B.run_rloo(h, budgets, s.rl_rollout, s.samples_per_prompt, s.rl_minibatch, s.rl_lr, work / task / m)
+            pts, _ = B.run_rloo(
+                h, budgets, s.rl_rollout, s.samples_per_prompt, s.rl_minibatch, s.rl_lr, work / task / m
+            )
         else:
             raise AltlmError(f"unknown method '{m}' ({', '.join(METHODS)})")
         res["methods"][m] = pts
         res["seconds"][m] = round(time.time() - t, 1)
         if on_method is not None:  # partial results survive a run cut short
             on_method({**res, "targets": targets(res)})
-        print(f"   {m}: {round(time.time() - t)} s; " + "; ".join(f"{p['samples']}: {p[f'{h.metric}_mean']:.4f}" for p in pts), flush=True)
+        print(
+            f"   {m}: {round(time.time() - t)} s; "
+            + "; ".join(f"{p['samples']}: {p[f'{h.metric}_mean']:.4f}" for p in pts),
+            flush=True,
+        )
     if res["reference"] is None:
         res["reference"] = h.evaluate(h.policy(), 0, "reference")
     res["targets"] = targets(res)
@@ -154,20 +198,38 @@ def _fmt(x, f=".4f"):
 
 
 def markdown(results: list[dict], meta: dict) -> str:
-    lines = [f"# Sample efficiency ({meta['when']})", "", f"Command: `{meta['command']}`  ", f"Wall time: {meta['wall_seconds'] / 60:.1f} min "
-             f"on {meta['machine']}.", ""]
+    lines = [
+        f"# Sample efficiency ({meta['when']})",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Wall time: {meta['wall_seconds'] / 60:.1f} min on {meta['machine']}.",
+        "",
+    ]
     for r in results:
         m = r["metric"]
-        lines += [f"## {r['task']} ({'higher' if r['higher_is_better'] else 'lower'} is better)", "",
-                  f"| method | samples | {m} mean | share > 0.5 | perplexity | dist-2 |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {r['task']} ({'higher' if r['higher_is_better'] else 'lower'} is better)",
+            "",
+            f"| method | samples | {m} mean | share > 0.5 | perplexity | dist-2 |",
+            "|---|---|---|---|---|---|",
+        ]
         ref = r["reference"] or {f"{m}_mean": None, f"{m}_gt_0_5": None, "perplexity": None, "dist_2": None}
-        lines.append(f"| reference | 0 | {_fmt(ref[f'{m}_mean'])} | {_fmt(ref[f'{m}_gt_0_5'], '.3f')} | {_fmt(ref['perplexity'], '.1f')} | {_fmt(ref['dist_2'], '.3f')} |")
+        lines.append(
+            f"| reference | 0 | {_fmt(ref[f'{m}_mean'])} | {_fmt(ref[f'{m}_gt_0_5'], '.3f')} | {_fmt(ref['perplexity'], '.1f')} | {_fmt(ref['dist_2'], '.3f')} |"
+        )
         for k, pts in r["methods"].items():
             for p in pts:  # noqa: B007
-                lines.append(f"| {LABELS[k]} | {p['samples']} | {_fmt(p[f'{m}_mean'])} | {_fmt(p[f'{m}_gt_0_5'], '.3f')} | "
-                             f"{_fmt(p['perplexity'], '.1f')} | {_fmt(p['dist_2'], '.3f')} |")
-        lines += ["", "Seconds per method: " + ", ".join(f"{LABELS[k]} {v:.0f}" for k, v in r["seconds"].items()), "",
-                  "Targets: `" + json.dumps(clean(r["targets"])) + "`", ""]
+                lines.append(
+                    f"| {LABELS[k]} | {p['samples']} | {_fmt(p[f'{m}_mean'])} | {_fmt(p[f'{m}_gt_0_5'], '.3f')} | "
+                    f"{_fmt(p['perplexity'], '.1f')} | {_fmt(p['dist_2'], '.3f')} |"
+                )
+        lines += [
+            "",
+            "Seconds per method: " + ", ".join(f"{LABELS[k]} {v:.0f}" for k, v in r["seconds"].items()),
+            "",
+            "Targets: `" + json.dumps(clean(r["targets"])) + "`",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -177,7 +239,12 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = [("mean", "mean"), ("gt_0_5", "share > 0.5"), ("perplexity", "perplexity (Gemma-3-270M)"), ("dist_2", "dist-2")]
+    cols = [
+        ("mean", "mean"),
+        ("gt_0_5", "share > 0.5"),
+        ("perplexity", "perplexity (Gemma-3-270M)"),
+        ("dist_2", "dist-2"),
+    ]
     fig, axes = plt.subplots(len(results), len(cols), figsize=(4.2 * len(cols), 3.4 * len(results)), squeeze=False)
     for row, r in zip(axes, results):
         m = r["metric"]
@@ -239,8 +306,16 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(a.work or tmp)
             for task in tasks:
                 sizes = s if (task == "toxicity" or a.quick) else dataclasses.replace(s, budgets=sent_budgets)
-                results.append(run_task(task, sizes, methods, work, a.threads,
-                                        on_method=lambda r: write_outputs(out, results + [r], s, t0, argv, sent_budgets)))
+                results.append(
+                    run_task(
+                        task,
+                        sizes,
+                        methods,
+                        work,
+                        a.threads,
+                        on_method=lambda r: write_outputs(out, results + [r], s, t0, argv, sent_budgets),
+                    )
+                )
                 write_outputs(out, results, s, t0, argv, sent_budgets)  # after each task: a long run keeps what it has
     except AltlmError as e:
         print(f"sample_efficiency: {e}", file=sys.stderr)
@@ -250,9 +325,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_outputs(out: Path, results: list[dict], s: Sizes, t0: float, argv, sent_budgets) -> None:
-    meta = {"command": "python benchmarks/sample_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "when": time.strftime("%Y-%m-%d"), "wall_seconds": round(time.time() - t0, 1),
-            "machine": f"{os.cpu_count()} CPU cores", "sizes": dataclasses.asdict(s), "sentiment_budgets": list(sent_budgets)}
+    meta = {
+        "command": "python benchmarks/sample_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "when": time.strftime("%Y-%m-%d"),
+        "wall_seconds": round(time.time() - t0, 1),
+        "machine": f"{os.cpu_count()} CPU cores",
+        "sizes": dataclasses.asdict(s),
+        "sentiment_budgets": list(sent_budgets),
+    }
     data = {**results[0], "meta": meta, "other_tasks": {r["task"]: r for r in results[1:]}}
     write_atomic(out / "sample_efficiency.json", json.dumps(clean(data), indent=2))
     write_atomic(out / "sample_efficiency.md", markdown(results, meta))

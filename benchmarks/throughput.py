@@ -10,6 +10,7 @@ the reference forward when KL is on; the LM head is a matmul and counts (tied em
 Attention's quadratic term is left out (sequences here are < 100 tokens). "roofline" is the faster of the
 fp32 and bf16 matmul peaks measured at the model's own shapes and at a large square.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,11 @@ def matmul_gflops(m: int, k: int, n: int, dtype, reps: int = 5) -> float:
 
 def roofline(quick: bool) -> dict:
     # the shapes the model runs: [tokens, 576] @ [576, 1536] (MLP) and [tokens, 576] @ [576, 49152] (head)
-    shapes = [(2048, 2048, 2048), (1024, 576, 1536), (512, 576, 49152)] if not quick else [(1024, 1024, 1024), (512, 576, 1536)]
+    shapes = (
+        [(2048, 2048, 2048), (1024, 576, 1536), (512, 576, 49152)]
+        if not quick
+        else [(1024, 1024, 1024), (512, 576, 1536)]
+    )
     out = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         out[name] = {f"{m}x{k}x{n}": round(matmul_gflops(m, k, n, dt), 1) for m, k, n in shapes}
@@ -72,7 +77,7 @@ def prompts(n: int) -> list[str]:
 
     items = [x for x in fortune_items(False) if len(x.split()) > 10]
     rng = random.Random(0)
-    return [" ".join(x.split()[:rng.randint(4, 8)]) for x in rng.sample(items, n)]
+    return [" ".join(x.split()[: rng.randint(4, 8)]) for x in rng.sample(items, n)]
 
 
 def bench_sampling(model, tok, amp, batches: list[int], new_tokens: int, n_params: int) -> list[dict]:
@@ -81,21 +86,34 @@ def bench_sampling(model, tok, amp, batches: list[int], new_tokens: int, n_param
     for b in batches:
         reqs = [(None, p) for p in prompts(b)]
         settings = SampleSettings(1.0, 1.0, new_tokens, new_tokens, b, 64)  # min = max: every row runs the full length
-        sample(inf, tok, Template(), reqs[:min(b, 8)], settings, seed=0)  # warm-up
+        sample(inf, tok, Template(), reqs[: min(b, 8)], settings, seed=0)  # warm-up
         t = time.perf_counter()
         out = sample(inf, tok, Template(), reqs, settings, seed=0)
         dt = time.perf_counter() - t
         toks = sum(s.completion_tokens for s in out)
         ctx = sum(s.prompt_tokens for s in out)
         flops = 2 * n_params * (toks + ctx)  # prefill + one token per step
-        rows.append({"batch": b, "tokens": toks, "seconds": round(dt, 2), "tokens_per_s": round(toks / dt, 1),
-                     "gflops": round(flops / dt / 1e9, 1)})
+        rows.append(
+            {
+                "batch": b,
+                "tokens": toks,
+                "seconds": round(dt, 2),
+                "tokens_per_s": round(toks / dt, 1),
+                "gflops": round(flops / dt / 1e9, 1),
+            }
+        )
     return rows
 
 
 def bench_training(model, tok, amp, mode: str, batches: list[int], steps: int, n_params: int, kl: bool) -> list[dict]:
-    lora = dict(r=16, alpha=32, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                layers=1.0, train_new_tokens=False)
+    lora = dict(
+        r=16,
+        alpha=32,
+        dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        layers=1.0,
+        train_new_tokens=False,
+    )
     import copy
 
     m = models.prepare_for_training(copy.deepcopy(model), mode, 0.3, lora, [])
@@ -107,8 +125,13 @@ def bench_training(model, tok, amp, mode: str, batches: list[int], steps: int, n
     rows = []
     for b in batches:
         inputs = [tok(t, add_special_tokens=False).input_ids for t in texts[:b]]
-        targets = [tok(" and then the rest of a twenty token completion goes on and on until it stops here.",
-                       add_special_tokens=False).input_ids for _ in range(b)]
+        targets = [
+            tok(
+                " and then the rest of a twenty token completion goes on and on until it stops here.",
+                add_special_tokens=False,
+            ).input_ids
+            for _ in range(b)
+        ]
 
         def step():
             with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
@@ -133,8 +156,15 @@ def bench_training(model, tok, amp, mode: str, batches: list[int], steps: int, n
         dt = (time.perf_counter() - t) / steps
         toks = sum(len(i) + len(t) for i, t in zip(inputs, targets))
         per_token = (4 if mode == "lora" else 6) * n_params + (2 * n_params if kl else 0)
-        rows.append({"batch": b, "tokens_per_step": toks, "seconds_per_step": round(dt, 3),
-                     "tokens_per_s": round(toks / dt, 1), "gflops": round(per_token * toks / dt / 1e9, 1)})
+        rows.append(
+            {
+                "batch": b,
+                "tokens_per_step": toks,
+                "seconds_per_step": round(dt, 3),
+                "tokens_per_s": round(toks / dt, 1),
+                "gflops": round(per_token * toks / dt / 1e9, 1),
+            }
+        )
     return rows
 
 
@@ -147,8 +177,8 @@ def demo_batch(tok, b: int, seed: int = 0) -> tuple[list, list, list]:
     items = [x.split() for x in fortune_items(False) if len(x.split()) > 24]
     picked = rng.sample(items, b)
     tag = tok("Most Positive", add_special_tokens=False).input_ids + [tok.eos_token_id]  # the separator copies EOS
-    prompts = [tok(" ".join(w[:rng.randint(4, 8)]), add_special_tokens=False).input_ids for w in picked]
-    targets = [tok(" " + " ".join(w[8:24]), add_special_tokens=False).input_ids[:rng.randint(12, 20)] for w in picked]
+    prompts = [tok(" ".join(w[: rng.randint(4, 8)]), add_special_tokens=False).input_ids for w in picked]
+    targets = [tok(" " + " ".join(w[8:24]), add_special_tokens=False).input_ids[: rng.randint(12, 20)] for w in picked]
     return [tag + p for p in prompts], prompts, targets
 
 
@@ -161,8 +191,14 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
 
     from altlm.loss import target_hidden
 
-    lora = dict(r=16, alpha=32, dropout=0.0, layers=lora_layers, train_new_tokens=False,
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = dict(
+        r=16,
+        alpha=32,
+        dropout=0.0,
+        layers=lora_layers,
+        train_new_tokens=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     m = models.prepare_for_training(copy.deepcopy(model), "lora", 0.3, lora, [])
     models.contiguous_lm_head(m)
     models.cast_frozen_linears(m, amp)
@@ -217,8 +253,16 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             # FLOPs: 2N per token forward, 2N per token backward through the adapted top blocks (activation
             # gradients; lora_layers of them), + 2N per reference token when the reference forward runs
             flops = (2 + 2 * lora_layers) * n_params * toks + (0 if k == "new_hit" else 2 * n_params * ref_toks)
-            rows.append({"path": k, "batch": b, "seconds_per_step": round(dt, 3), "examples_per_s": round(b / dt, 2),
-                         "tokens_per_s": round(toks / dt, 1), "gflops": round(flops / dt / 1e9, 1)})
+            rows.append(
+                {
+                    "path": k,
+                    "batch": b,
+                    "seconds_per_step": round(dt, 3),
+                    "examples_per_s": round(b / dt, 2),
+                    "tokens_per_s": round(toks / dt, 1),
+                    "gflops": round(flops / dt / 1e9, 1),
+                }
+            )
     return rows
 
 
@@ -237,12 +281,23 @@ def bench_sampler_vs_generate(model, tok, amp, b: int, new_tokens: int, reps: in
 
     def generate():
         with torch.no_grad():
-            inf.generate(input_ids=pad_ids, attention_mask=attn, do_sample=True, top_p=0.9, temperature=1.0, top_k=0,
-                         min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id)
+            inf.generate(
+                input_ids=pad_ids,
+                attention_mask=attn,
+                do_sample=True,
+                top_p=0.9,
+                temperature=1.0,
+                top_k=0,
+                min_new_tokens=new_tokens,
+                max_new_tokens=new_tokens,
+                pad_token_id=tok.pad_token_id,
+            )
 
     paths = {
         "altlm_reject": lambda: sample(inf, tok, Template(), reqs, settings, seed=0),
-        "altlm_sort": lambda: sample(inf, tok, Template(), reqs, dataclasses.replace(settings, top_p_method="sort"), seed=0),
+        "altlm_sort": lambda: sample(
+            inf, tok, Template(), reqs, dataclasses.replace(settings, top_p_method="sort"), seed=0
+        ),
         "hf_generate": generate,
     }
     for f in paths.values():
@@ -256,8 +311,15 @@ def bench_sampler_vs_generate(model, tok, amp, b: int, new_tokens: int, reps: in
     out = []
     for k, ts in times.items():
         dt = min(ts)
-        out.append({"path": k, "batch": b, "new_tokens": new_tokens, "seconds": round(dt, 2),
-                    "tokens_per_s": round(b * new_tokens / dt, 1)})
+        out.append(
+            {
+                "path": k,
+                "batch": b,
+                "new_tokens": new_tokens,
+                "seconds": round(dt, 2),
+                "tokens_per_s": round(b * new_tokens / dt, 1),
+            }
+        )
     return out
 
 
@@ -288,8 +350,23 @@ def bench_pool(sizes: list[int], draw: int) -> list[dict]:
             add = size - have
             for start in range(0, add, 100_000):
                 k = min(100_000, add - start)
-                pool.add([Row(1, i % 5000, f"prompt {i % 5000}", f"completion {i}", "Lowest Toxicity", 0.1, 0, False, 8, 20)
-                          for i in range(have + start, have + start + k)])
+                pool.add(
+                    [
+                        Row(
+                            1,
+                            i % 5000,
+                            f"prompt {i % 5000}",
+                            f"completion {i}",
+                            "Lowest Toxicity",
+                            0.1,
+                            0,
+                            False,
+                            8,
+                            20,
+                        )
+                        for i in range(have + start, have + start + k)
+                    ]
+                )
             have = size
             rng = random.Random(0)
             dt = best_of(lambda: pool.draw_uniform(draw, rng), 3)
@@ -309,16 +386,28 @@ def profile(model, tok, amp, out: Path) -> dict:
     sample(inf, tok, Template(), reqs[:8], settings, seed=0)
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
         sample(inf, tok, Template(), reqs, settings, seed=0)
-    text = "## sampling: 64 rows x 16 new tokens\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    text = "## sampling: 64 rows x 16 new tokens\n" + prof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=15
+    )
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
         bench_training(model, tok, amp, "lora", [16], 1, dense_params(model), kl=True)
-    text += "\n## one LoRA training run: 16 rows, warm-up step + 1 timed step, KL on\n" + \
-        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    text += "\n## one LoRA training run: 16 rows, warm-up step + 1 timed step, KL on\n" + prof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=20
+    )
     dt = torch.bfloat16 if amp is not None else torch.float32
-    shapes = {"decode MLP [64x576]@[576x1536]": (64, 576, 1536), "decode head [64x576]@[576x49152]": (64, 576, 49152),
-              "decode attention proj [64x576]@[576x576]": (64, 576, 576), "training MLP [2048x576]@[576x1536]": (2048, 576, 1536)}
+    shapes = {
+        "decode MLP [64x576]@[576x1536]": (64, 576, 1536),
+        "decode head [64x576]@[576x49152]": (64, 576, 49152),
+        "decode attention proj [64x576]@[576x576]": (64, 576, 576),
+        "training MLP [2048x576]@[576x1536]": (2048, 576, 1536),
+    }
     rates = {k: round(matmul_gflops(*v, dt), 1) for k, v in shapes.items()}
-    text += "\n## matmul GFLOP/s at the model's shapes (" + str(dt) + ")\n" + "\n".join(f"{k}: {v}" for k, v in rates.items())
+    text += (
+        "\n## matmul GFLOP/s at the model's shapes ("
+        + str(dt)
+        + ")\n"
+        + "\n".join(f"{k}: {v}" for k, v in rates.items())
+    )
     out.write_text(text + "\n")
     return rates
 
@@ -326,20 +415,31 @@ def profile(model, tok, amp, out: Path) -> dict:
 def write_paths(res: dict, args, roof: dict) -> int:
     """The side-by-side tables (old vs new training path; altlm's sampler vs HF generate) as JSON and markdown."""
     R = roof["roofline_gflops"]
-    lines = [f"# Throughput, old vs new path (SmolLM2-135M, {res['compute_dtype']}, {res['machine']['threads']} threads)",
-             "", f"Roofline {R} GFLOP/s ({roof['roofline_dtype']}). `python benchmarks/throughput.py --paths-only`.", "",
-             "| LoRA step path | batch | s/step | examples/s | vs old | GFLOP/s | of roofline |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Throughput, old vs new path (SmolLM2-135M, {res['compute_dtype']}, {res['machine']['threads']} threads)",
+        "",
+        f"Roofline {R} GFLOP/s ({roof['roofline_dtype']}). `python benchmarks/throughput.py --paths-only`.",
+        "",
+        "| LoRA step path | batch | s/step | examples/s | vs old | GFLOP/s | of roofline |",
+        "|---|---|---|---|---|---|---|",
+    ]
     old = {r["batch"]: r["examples_per_s"] for r in res["lora_paths"] if r["path"] == "old"}
     for r in res["lora_paths"]:
         ratio = r["examples_per_s"] / old[r["batch"]]
-        lines.append(f"| {r['path']} | {r['batch']} | {r['seconds_per_step']} | {r['examples_per_s']} | {ratio:.2f}x | "
-                     f"{r['gflops']} | {r['gflops'] / R:.0%} |")
-    lines += ["", "| sampler (top-p 0.9, same bf16 weights) | batch | new tokens | tokens/s | vs HF generate |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['path']} | {r['batch']} | {r['seconds_per_step']} | {r['examples_per_s']} | {ratio:.2f}x | "
+            f"{r['gflops']} | {r['gflops'] / R:.0%} |"
+        )
+    lines += [
+        "",
+        "| sampler (top-p 0.9, same bf16 weights) | batch | new tokens | tokens/s | vs HF generate |",
+        "|---|---|---|---|---|",
+    ]
     hf = next(r["tokens_per_s"] for r in res["sampler_vs_generate"] if r["path"] == "hf_generate")
     for r in res["sampler_vs_generate"]:
-        lines.append(f"| {r['path']} | {r['batch']} | {r['new_tokens']} | {r['tokens_per_s']} | "
-                     f"{r['tokens_per_s'] / hf:.2f}x |")
+        lines.append(
+            f"| {r['path']} | {r['batch']} | {r['new_tokens']} | {r['tokens_per_s']} | {r['tokens_per_s'] / hf:.2f}x |"
+        )
     out = Path(args.out).with_name("throughput_paths.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -355,21 +455,37 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes: a one-minute check that everything runs")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default=str(ROOT / "results" / "throughput.json"))
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); roofline and workloads use the same")
-    ap.add_argument("--paths-only", action="store_true",
-                    help="only the side-by-side tables (old vs new LoRA step, sampler vs HF generate): throughput_paths.{json,md}")
-    ap.add_argument("--profile", action="store_true", help="only profile sampling and write results/throughput_profile.txt")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: torch's default); roofline and workloads use the same"
+    )
+    ap.add_argument(
+        "--paths-only",
+        action="store_true",
+        help="only the side-by-side tables (old vs new LoRA step, sampler vs HF generate): throughput_paths.{json,md}",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="only profile sampling and write results/throughput_profile.txt"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.time()
-    res = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "load_average_at_start": os.getloadavg()[0]}, "model": args.model}
+    res = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg()[0],
+        },
+        "model": args.model,
+    }
     model, tok = models.load_model(args.model), models.load_tokenizer(args.model)
     tok.padding_side = "left"
     if args.profile:
-        rates = profile(model, tok, models.autocast_dtype("auto", torch.device("cpu")), ROOT / "results" / "throughput_profile.txt")
+        rates = profile(
+            model, tok, models.autocast_dtype("auto", torch.device("cpu")), ROOT / "results" / "throughput_profile.txt"
+        )
         print(json.dumps(rates, indent=1))
         return 0
     res["roofline"] = roof = roofline(args.quick)
@@ -380,19 +496,33 @@ def main(argv=None) -> int:
     q = args.quick
     res["sampling_sweep"] = bench_sampling(model, tok, amp, [8, 32] if q else [16, 64, 128, 256], 8 if q else 32, n)
     res["lora_paths"] = bench_lora_paths(model, tok, amp, [16] if q else [16, 32], 1 if q else 3, n, 0.5)
-    res["sampler_vs_generate"] = bench_sampler_vs_generate(model, tok, amp, 16 if q else 128, 8 if q else 20, 1 if q else 2)
+    res["sampler_vs_generate"] = bench_sampler_vs_generate(
+        model, tok, amp, 16 if q else 128, 8 if q else 20, 1 if q else 2
+    )
     if args.paths_only:
         res["roofline_gflops"] = roof["roofline_gflops"]
         return write_paths(res, args, roof)
-    res["training_lora_sweep"] = bench_training(model, tok, amp, "lora", [8] if q else [8, 16, 32], 1 if q else 3, n, kl=True)
-    res["training_full_sweep"] = bench_training(model, tok, amp, "full", [8] if q else [8, 16, 32], 1 if q else 3, n, kl=True)
+    res["training_lora_sweep"] = bench_training(
+        model, tok, amp, "lora", [8] if q else [8, 16, 32], 1 if q else 3, n, kl=True
+    )
+    res["training_full_sweep"] = bench_training(
+        model, tok, amp, "full", [8] if q else [8, 16, 32], 1 if q else 3, n, kl=True
+    )
     res["scoring"] = bench_scoring(64 if q else 512)
     res["pool_draw"] = bench_pool([1_000, 10_000] if q else [1_000, 10_000, 100_000, 1_000_000], 640)
     R = roof["roofline_gflops"]
-    for key, sweep in (("sampling", "sampling_sweep"), ("training_lora", "training_lora_sweep"), ("training_full", "training_full_sweep")):
+    for key, sweep in (
+        ("sampling", "sampling_sweep"),
+        ("training_lora", "training_lora_sweep"),
+        ("training_full", "training_full_sweep"),
+    ):
         best = max(res[sweep], key=lambda r: r["gflops"])
-        res[key] = {"tokens_per_s": best["tokens_per_s"], "gflops": best["gflops"], "batch": best["batch"],
-                    "roofline_ratio": round(best["gflops"] / R, 3)}
+        res[key] = {
+            "tokens_per_s": best["tokens_per_s"],
+            "gflops": best["gflops"],
+            "batch": best["batch"],
+            "roofline_ratio": round(best["gflops"] / R, 3),
+        }
     res["roofline_gflops"] = R
     res["seconds"] = round(time.time() - t0, 1)
     res["machine"]["load_average_at_end"] = os.getloadavg()[0]
@@ -403,8 +533,10 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(res, indent=2))
     os.replace(tmp, out)
 
-    print(f"roofline: fp32 {roof['peak_fp32']} GFLOP/s, bf16 {roof['peak_bf16']} GFLOP/s → {R} ({roof['roofline_dtype']}); "
-          f"model compute in {res['compute_dtype']}")
+    print(
+        f"roofline: fp32 {roof['peak_fp32']} GFLOP/s, bf16 {roof['peak_bf16']} GFLOP/s → {R} ({roof['roofline_dtype']}); "
+        f"model compute in {res['compute_dtype']}"
+    )
     print(f"{'workload':<16}{'batch':>7}{'tokens/s':>12}{'GFLOP/s':>10}{'of roofline':>13}")
     for key in ("sampling", "training_lora", "training_full"):
         r = res[key]

@@ -15,6 +15,7 @@ Isolation, so that a test passes or fails by what it checks, not by the machine'
 `tiny` is shared by the whole session and must not be mutated. Tests that add tokens (separator, Quark
 tokens) or train take `fresh_tiny`: a new tokenizer and a deep copy of the model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -130,5 +131,6 @@ def run_altlm(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Complet
     """`python -m altlm ARGS` in `cwd` (a tmp_path: relative run folders can never land in the repo)."""
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return subprocess.run([sys.executable, "-m", "altlm", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "altlm", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,5 +1,6 @@
 """The sample-efficiency harness in --quick mode (tiny random SmolLM2, every method for one short round), so the
 benchmark cannot silently rot; plus the harness's one-line errors and the TRL reward wrapper."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -84,7 +85,10 @@ def test_scorer_reward_model_reads_like_trl(tiny):
     q = tok("bad prompt", add_special_tokens=False).input_ids
     width = len(q) + 2
     query = [tok.pad_token_id] * (width - len(q)) + q
-    rows = [query + tok(" a bad end", add_special_tokens=False).input_ids, query + tok(" fine", add_special_tokens=False).input_ids]
+    rows = [
+        query + tok(" a bad end", add_special_tokens=False).input_ids,
+        query + tok(" fine", add_special_tokens=False).input_ids,
+    ]
     n = max(map(len, rows))
     ids = torch.tensor([r + [tok.pad_token_id] * (n - len(r)) for r in rows])
     from trl.experimental.utils import get_reward

@@ -1,4 +1,5 @@
 """summary.json's claims: estimates checked against a hand computation, intervals against their definition."""
+
 from __future__ import annotations
 
 import random
@@ -20,8 +21,17 @@ def records(shift: dict, n_prompts: int = 40, k: int = 2, seed: int = 0) -> list
             for p in range(n_prompts):
                 for j in range(k):
                     score = effects[p] + shift.get((model, fb), 0.0) + rng.gauss(0, 0.05)
-                    out.append({"iteration": it, "model": model, "feedback": fb, "prompt": f"prompt {p}",
-                                "completion": f"word{p} w{j} x{it}", "score": score, "perplexity": 10.0 + it})
+                    out.append(
+                        {
+                            "iteration": it,
+                            "model": model,
+                            "feedback": fb,
+                            "prompt": f"prompt {p}",
+                            "completion": f"word{p} w{j} x{it}",
+                            "score": score,
+                            "perplexity": 10.0 + it,
+                        }
+                    )
     return out
 
 
@@ -35,8 +45,13 @@ def by_name(result: dict) -> dict:
 
 
 def test_claims_match_a_hand_computation_and_hold_only_when_true():
-    shift = {("final", "Most Positive"): 0.3, ("final", "Neutral"): 0.1, ("final", "Most Negative"): -0.2,
-             ("reference", "Most Positive"): 0.05, ("reference", "Most Negative"): -0.05}
+    shift = {
+        ("final", "Most Positive"): 0.3,
+        ("final", "Neutral"): 0.1,
+        ("final", "Most Negative"): -0.2,
+        ("reference", "Most Positive"): 0.05,
+        ("reference", "Most Negative"): -0.05,
+    }
     recs = records(shift)
     got = run_claims(recs, WORDS, "Most Positive", higher_is_better=True, seed=1, n_boot=500)
     assert got["prompts"] == 40

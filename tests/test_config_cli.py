@@ -1,4 +1,5 @@
 """Config parsing/validation and the CLI's handling of bad input (one `altlm:` line on stderr, exit code 2)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,15 +46,18 @@ def test_bad_choice_value():
         C.load_config("smoke", ["kl_direction=forward"])
 
 
-@pytest.mark.parametrize("data,key", [
-    ({"feedback_words": ["only one"]}, "feedback_words"),
-    ({"exemplar": "Nope"}, "exemplar"),
-    ({"prompt_words": [5, 2]}, "prompt_words"),
-    ({"template": "prefix", "prefix_format": "no placeholder"}, "prefix_format"),
-    ({"iterations": 0}, "iterations"),
-    ({"drop_factor": 1.5}, "drop_factor"),
-    ({"min_new_tokens": 30, "max_new_tokens": 20}, "min_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "data,key",
+    [
+        ({"feedback_words": ["only one"]}, "feedback_words"),
+        ({"exemplar": "Nope"}, "exemplar"),
+        ({"prompt_words": [5, 2]}, "prompt_words"),
+        ({"template": "prefix", "prefix_format": "no placeholder"}, "prefix_format"),
+        ({"iterations": 0}, "iterations"),
+        ({"drop_factor": 1.5}, "drop_factor"),
+        ({"min_new_tokens": 30, "max_new_tokens": 20}, "min_new_tokens"),
+    ],
+)
 def test_validation(data, key):
     with pytest.raises(AltlmError, match=f"'{key}'"):
         ALTConfig.from_dict(data)
@@ -66,12 +70,29 @@ def test_validation_of_loop_counts(data, key):
 
 
 def test_overrides_parse_as_yaml():
-    o = C.parse_overrides(["iterations=2", "feedback_words=[a,b]", "exemplar=null", "output_dir=runs/x",
-                           "eval_all_feedback=false", "learning_rate=0.001", "prefix_format={feedback} input: "])
-    assert o == {"iterations": 2, "feedback_words": ["a", "b"], "exemplar": None, "output_dir": "runs/x",
-                 "eval_all_feedback": False, "learning_rate": 0.001, "prefix_format": "{feedback} input: "}
-    cfg = C.load_config("smoke", ["iterations=2", "feedback_words=[a,b]", "exemplar=b", "description=123",
-                                  "output_dir=7"])
+    o = C.parse_overrides(
+        [
+            "iterations=2",
+            "feedback_words=[a,b]",
+            "exemplar=null",
+            "output_dir=runs/x",
+            "eval_all_feedback=false",
+            "learning_rate=0.001",
+            "prefix_format={feedback} input: ",
+        ]
+    )
+    assert o == {
+        "iterations": 2,
+        "feedback_words": ["a", "b"],
+        "exemplar": None,
+        "output_dir": "runs/x",
+        "eval_all_feedback": False,
+        "learning_rate": 0.001,
+        "prefix_format": "{feedback} input: ",
+    }
+    cfg = C.load_config(
+        "smoke", ["iterations=2", "feedback_words=[a,b]", "exemplar=b", "description=123", "output_dir=7"]
+    )
     assert cfg.iterations == 2 and cfg.feedback_words == ["a", "b"] and cfg.exemplar_text == "b"
     assert cfg.description == "123" and cfg.output_dir == "7"  # string keys keep their text
     with pytest.raises(AltlmError, match="key=value"):
@@ -156,7 +177,9 @@ def test_to_dict_roundtrips_through_yaml():
 
 
 def test_dry_run(tmp_path):
-    r = run_altlm("train", "--config", "smoke", f"output_dir={tmp_path / 'run'}", "iterations=3", "--dry-run", cwd=tmp_path)
+    r = run_altlm(
+        "train", "--config", "smoke", f"output_dir={tmp_path / 'run'}", "iterations=3", "--dry-run", cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     assert "iterations: 3" in r.stdout and "model: tiny-smollm2" in r.stdout and "# plan: 3 iterations" in r.stdout
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
@@ -184,13 +207,19 @@ BAD = {
     "empty prompt file": (["train", "--config", "smoke", "prompts=empty.txt"], "no non-empty prompt"),
     "non-UTF-8 prompt file": (["train", "--config", "smoke", "prompts=latin1.txt"], "UTF-8"),
     "unknown model alias": (["train", "--config", "smoke", "model=smolm2-135m"], "did you mean 'smollm2-135m'"),
-    "unknown bos_token": (["train", "--config", "smoke", "bos_token=<|nope|>"], "'bos_token': '<|nope|>' is not a token"),
+    "unknown bos_token": (
+        ["train", "--config", "smoke", "bos_token=<|nope|>"],
+        "'bos_token': '<|nope|>' is not a token",
+    ),
     "malformed YAML": (["train", "--config", "bad.yaml"], "malformed YAML"),
     "unknown recipe": (["train", "--config", "smok"], "did you mean 'smoke'"),
     "resume non-run": (["train", "--resume", "notarun"], "not an altlm run folder"),
     "resume without state": (["train", "--resume", "halfrun"], "not an altlm run folder"),
     "generate without checkpoint": (["generate", "--run", "notarun", "hello"], "no checkpoint"),
-    "generate --feedback with --model": (["generate", "--model", "tiny-smollm2", "--feedback", "x", "hi"], "--feedback needs --run"),
+    "generate --feedback with --model": (
+        ["generate", "--model", "tiny-smollm2", "--feedback", "x", "hi"],
+        "--feedback needs --run",
+    ),
     "generate without prompts": (["generate", "--model", "tiny-smollm2"], "no prompt"),
 }
 
@@ -239,9 +268,14 @@ def test_ctrl_c_exits_130_with_the_resume_command_that_works(tmp_path):
     from test_train_smoke import SMALL
 
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "altlm", "train", "--config", "smoke", f"output_dir={run}",
-                          "iterations=2", *SMALL], cwd=tmp_path, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "altlm", "train", "--config", "smoke", f"output_dir={run}", "iterations=2", *SMALL],
+        cwd=tmp_path,
+        env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (run / "state.json").exists() and p.poll() is None and time.monotonic() < deadline:
@@ -265,6 +299,8 @@ def test_failed_start_leaves_no_run_behind(tmp_path):
     assert r.returncode == 2 and "/nonexistent.txt" in r.stderr
     # Second attempt, same output_dir, the prompt file fixed (still failing later, on a model typo, to stay
     # cheap): it must get as far as the model, not be refused because of the first attempt.
-    r = run_altlm("train", "--config", "smoke", "prompts=fortunes", "model=smolm2-135m", f"output_dir={out}", cwd=tmp_path)
+    r = run_altlm(
+        "train", "--config", "smoke", "prompts=fortunes", "model=smolm2-135m", f"output_dir={out}", cwd=tmp_path
+    )
     assert r.returncode == 2
     assert "unknown model" in r.stderr, r.stderr

@@ -1,4 +1,5 @@
 """Prompt sets: fortune prefixes with their continuations, lead-up (challenging) prompts, the seeded split."""
+
 from __future__ import annotations
 
 import random
@@ -54,8 +55,15 @@ TINY = dict(model="tiny-smollm2")
 
 def test_rtp_split_nontoxic_eval_validation_and_rest_train(tmp_path):
     path = write_rtp(tmp_path / "rtp.jsonl", n=60)
-    cfg = ALTConfig(prompts=str(path), prompt_formatter="rtp", num_eval_prompts=10, num_val_prompts=5,
-                    num_train_prompts=10_000, eval_max_prompt_toxicity=0.5, **TINY)
+    cfg = ALTConfig(
+        prompts=str(path),
+        prompt_formatter="rtp",
+        num_eval_prompts=10,
+        num_val_prompts=5,
+        num_train_prompts=10_000,
+        eval_max_prompt_toxicity=0.5,
+        **TINY,
+    )
     a, b = load_prompts(cfg), load_prompts(cfg)
     assert (a.train, a.val, a.eval) == (b.train, b.val, b.eval)  # a function of the seed
     tox = {json.loads(x)["prompt"]["text"]: json.loads(x)["prompt"]["toxicity"] for x in path.read_text().splitlines()}
@@ -69,8 +77,14 @@ def test_rtp_split_nontoxic_eval_validation_and_rest_train(tmp_path):
 def test_tldr_formatter_from_csv_and_parquet(tmp_path):
     import pandas as pd
 
-    df = pd.DataFrame({"subreddit": ["relationships", "AskReddit", "pets"], "title": ["T1", "T2", "T3"],
-                       "post": ["My post one.", "Post two here.", "A third post."], "summary": ["a", "b", "c"]})
+    df = pd.DataFrame(
+        {
+            "subreddit": ["relationships", "AskReddit", "pets"],
+            "title": ["T1", "T2", "T3"],
+            "post": ["My post one.", "Post two here.", "A third post."],
+            "summary": ["a", "b", "c"],
+        }
+    )
     df.to_csv(tmp_path / "tldr.csv", index=False)
     df.to_parquet(tmp_path / "tldr.parquet")
     for name in ("tldr.csv", "tldr.parquet"):
@@ -84,7 +98,9 @@ def test_hh_formatter_keeps_the_dialogue_up_to_the_last_assistant_turn(tmp_path)
     train, test = write_hh(tmp_path, n_train=6, n_test=3)
     cfg = ALTConfig(prompts=str(train), prompt_formatter="hh", eval_split=str(test), num_eval_prompts=2, **TINY)
     s = load_prompts(cfg)
-    assert sorted(s.train) == sorted(hh_dialogue(i).strip()[:hh_dialogue(i).strip().rindex("Final")].rstrip(" ") for i in range(6))
+    assert sorted(s.train) == sorted(
+        hh_dialogue(i).strip()[: hh_dialogue(i).strip().rindex("Final")].rstrip(" ") for i in range(6)
+    )
     assert all(p.endswith("\n\nAssistant:") and p.count("Human:") == 2 for p in s.train)
     assert len(s.eval) == 2 and all("Question 100" in p for p in s.eval)  # from the eval_split file
 
@@ -104,13 +120,21 @@ def test_dotted_field_and_missing_fields(tmp_path):
 
 
 def test_long_prompts_truncate_or_drop_with_a_count(tmp_path, capsys):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"short prompt {i}"} for i in range(8)] + [{"prompt": "long " * 200}])
-    kept = load_prompts(ALTConfig(prompts=str(path), max_prompt_tokens=32, long_prompts="truncate", num_eval_prompts=2, **TINY))
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": f"short prompt {i}"} for i in range(8)] + [{"prompt": "long " * 200}]
+    )
+    kept = load_prompts(
+        ALTConfig(prompts=str(path), max_prompt_tokens=32, long_prompts="truncate", num_eval_prompts=2, **TINY)
+    )
     assert "1 of 9 are longer than max_prompt_tokens=32: truncated from the left" in capsys.readouterr().out
     assert any(p.startswith("long") for p in kept.train + kept.eval)
-    dropped = load_prompts(ALTConfig(prompts=str(path), max_prompt_tokens=32, long_prompts="drop", num_eval_prompts=2, **TINY))
+    dropped = load_prompts(
+        ALTConfig(prompts=str(path), max_prompt_tokens=32, long_prompts="drop", num_eval_prompts=2, **TINY)
+    )
     assert "1 of 9 are longer than max_prompt_tokens=32: dropped" in capsys.readouterr().out
-    assert len(dropped.train + dropped.eval) == 8 and not any(p.startswith("long") for p in dropped.train + dropped.eval)
+    assert len(dropped.train + dropped.eval) == 8 and not any(
+        p.startswith("long") for p in dropped.train + dropped.eval
+    )
 
 
 def test_unreachable_hub_fails_fast_in_one_line(monkeypatch):
@@ -140,7 +164,9 @@ def test_unreachable_hub_fails_fast_in_one_line(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(datasets, "load_dataset", load)
-    with pytest.raises(AltlmError, match=r"hub is unreachable .* pass a local file instead: prompts=path/to/no-such-corpus-xyz\.jsonl"):
+    with pytest.raises(
+        AltlmError, match=r"hub is unreachable .* pass a local file instead: prompts=path/to/no-such-corpus-xyz\.jsonl"
+    ):
         read_dataset("altlm-tests/no-such-corpus-xyz", "train")
     assert len(attempts) == 1 and offline_at_load == [(True, True)]
     assert datasets.config.HF_HUB_OFFLINE is False  # offline mode was only for that load
@@ -153,6 +179,9 @@ def test_bad_local_files_are_one_line(tmp_path):
     with pytest.raises(AltlmError, match="does not exist"):
         read_dataset(str(tmp_path / "missing.parquet"), "train")
     with pytest.raises(AltlmError, match="no evaluation prompt with prompt toxicity < 0.5"):
-        path = write_jsonl(tmp_path / "toxic.jsonl", [{"prompt": {"text": f"p {i}", "toxicity": 0.9}} for i in range(4)])
-        load_dataset_prompts(ALTConfig(prompts=str(path), prompt_formatter="rtp", eval_max_prompt_toxicity=0.5, **TINY),
-                             random.Random(0))
+        path = write_jsonl(
+            tmp_path / "toxic.jsonl", [{"prompt": {"text": f"p {i}", "toxicity": 0.9}} for i in range(4)]
+        )
+        load_dataset_prompts(
+            ALTConfig(prompts=str(path), prompt_formatter="rtp", eval_max_prompt_toxicity=0.5, **TINY), random.Random(0)
+        )

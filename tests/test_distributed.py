@@ -13,6 +13,7 @@ elements off by 2e-5, all others within 1e-6).
 file with distributed_type MULTI_GPU or FSDP and `--num_processes 2` starts two through torchrun, and altlm asks for
 the CPU (gloo) itself where there is no CUDA.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,14 +28,27 @@ import torch
 from safetensors.torch import load_file
 from test_train_smoke import SMALL, jsonl
 
-VARIANTS = {"lora": ["training_mode=lora"], "full": ["training_mode=full"], "quark": ["training_mode=lora", "template=quark"]}
+VARIANTS = {
+    "lora": ["training_mode=lora"],
+    "full": ["training_mode=full"],
+    "quark": ["training_mode=lora", "template=quark"],
+}
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 # One iteration: what follows training is sampling, where a 1e-6 weight difference can flip a drawn token now
 # and then, and from there on the runs differ legitimately.
 # batch_size=5: the 2 processes hold 3 and 2 rows of each step, so in micro-batches of 1 the second one needs a
 # filler pass (weight 0) to make as many passes as the first — which FSDP, gathering weights in every pass, requires.
-ARGS = ["train", "--config", "smoke", "training_mode=lora", *SMALL, "iterations=1", "sample_batch_size=4", "train_steps=6",
-        "batch_size=5"]
+ARGS = [
+    "train",
+    "--config",
+    "smoke",
+    "training_mode=lora",
+    *SMALL,
+    "iterations=1",
+    "sample_batch_size=4",
+    "train_steps=6",
+    "batch_size=5",
+]
 
 
 def free_port() -> int:
@@ -51,19 +65,41 @@ def run(cmd: list[str], cwd: Path, failpoint: str | None = None) -> subprocess.C
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="this torch build has no gloo backend")
+needs_gloo = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="this torch build has no gloo backend",
+)
 
 
 def torchrun() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port())]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+    ]
 
 
 def accelerate(config: str) -> list[str]:
     """`accelerate launch` with a shipped config, 2 processes on this CPU (gloo: altlm asks for cpu=True without CUDA)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"),
-            "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / f"{config}.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(free_port()),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +117,11 @@ def one_process(tmp_path_factory) -> dict[str, Path]:
 def test_two_processes_and_micro_batches_match_one_process(tmp_path, one_process):
     """DDP, and gradient accumulation: one process in micro-batches of 3 + 2 rows, and two processes in
     micro-batches of 1 row (DDP's all-reduce skipped until the last one) give the whole-batch step."""
-    for name, launcher, extra in [("two", accelerate("ddp"), []), ("one_micro", [sys.executable], ["micro_batch_size=3"]),
-                                  ("two_micro", torchrun(), ["micro_batch_size=1"])]:
+    for name, launcher, extra in [
+        ("two", accelerate("ddp"), []),
+        ("one_micro", [sys.executable], ["micro_batch_size=3"]),
+        ("two_micro", torchrun(), ["micro_batch_size=1"]),
+    ]:
         r = run([*launcher, "-m", "altlm", *ARGS, *extra, f"output_dir={tmp_path / name}"], tmp_path)
         assert r.returncode == 0, (name, r.stderr[-5000:])
         assert ("2 processes (gloo), sharding: ddp" in r.stdout) == name.startswith("two"), r.stdout[-2000:]
@@ -97,7 +136,11 @@ def test_fsdp_matches_one_process_and_resumes_after_a_kill(tmp_path, one_process
     embedding/head sharded with the root) also matches, its micro-batches reduce-scattered one by one, and so does
     Quark's LoRA, whose reward-token rows train through peft's trainable-token wrapper."""
     killed = tmp_path / "fsdp_lora"
-    r = run([*accelerate("fsdp"), "-m", "altlm", *ARGS, "save_steps=2", f"output_dir={killed}"], tmp_path, failpoint="train:4")
+    r = run(
+        [*accelerate("fsdp"), "-m", "altlm", *ARGS, "save_steps=2", f"output_dir={killed}"],
+        tmp_path,
+        failpoint="train:4",
+    )
     assert r.returncode != 0 and not (killed / "checkpoint").exists(), r.stderr[-3000:]
     assert "2 processes (gloo), sharding: fsdp" in r.stdout  # (sharding=auto: what the accelerate config asks for)
     assert json.loads((killed / "state.json").read_text())["step"] == 2
@@ -109,14 +152,21 @@ def test_fsdp_matches_one_process_and_resumes_after_a_kill(tmp_path, one_process
         r = run([*torchrun(), "-m", "altlm", *ARGS, *VARIANTS[name], *extra, f"output_dir={tmp_path / name}"], tmp_path)
         assert r.returncode == 0, (name, r.stderr[-5000:])
         assert f"2 processes (gloo), {extra[0].replace('=', ': ')}" in r.stdout
-        assert_same_run(one_process[name], tmp_path / name, weights="model.safetensors" if name == "full" else "adapter_model.safetensors")
+        assert_same_run(
+            one_process[name],
+            tmp_path / name,
+            weights="model.safetensors" if name == "full" else "adapter_model.safetensors",
+        )
 
 
 def assert_same_run(one: Path, two: Path, weights: str = "adapter_model.safetensors") -> None:
     import sqlite3
 
     cols = "iteration, prompt_id, completion, score, bucket, feedback, truncated"
-    rows = [sqlite3.connect(d / "pool.sqlite").execute(f"SELECT {cols} FROM samples ORDER BY id").fetchall() for d in (one, two)]
+    rows = [
+        sqlite3.connect(d / "pool.sqlite").execute(f"SELECT {cols} FROM samples ORDER BY id").fetchall()
+        for d in (one, two)
+    ]
     assert len(rows[0]) == 6 * 2 and rows[1] == rows[0]  # the same samples, scores and feedback
 
     steps = [[x for x in jsonl(d / "metrics.jsonl") if x["kind"] == "step"] for d in (one, two)]
@@ -140,10 +190,16 @@ def assert_same_run(one: Path, two: Path, weights: str = "adapter_model.safetens
     assert sb["final"]["by_feedback"].keys() == sa["final"]["by_feedback"].keys()
 
 
-@pytest.mark.parametrize("env, sharding", [({}, "ddp"), ({"ACCELERATE_USE_FSDP": "true"}, "fsdp"),
-                                           ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "false"}, "fsdp_grad_op"),
-                                           ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "shard_grad_op"}, "fsdp_grad_op"),
-                                           ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "full_shard"}, "fsdp")])
+@pytest.mark.parametrize(
+    "env, sharding",
+    [
+        ({}, "ddp"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "fsdp"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "false"}, "fsdp_grad_op"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "shard_grad_op"}, "fsdp_grad_op"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "full_shard"}, "fsdp"),
+    ],
+)
 def test_sharding_auto_reads_the_accelerate_config(monkeypatch, env, sharding):
     """What `accelerate launch` exports for FSDP2 configs (true/false) and FSDP1 ones (a strategy name)."""
     from altlm.distributed import _sharding_from_accelerate
@@ -157,8 +213,14 @@ def test_sharding_auto_reads_the_accelerate_config(monkeypatch, env, sharding):
 
 def test_a_deepspeed_launch_stops_with_one_line_and_writes_nothing(tmp_path):
     env = dict(os.environ, ACCELERATE_USE_DEEPSPEED="true")
-    r = subprocess.run([sys.executable, "-m", "altlm", *ARGS, f"output_dir={tmp_path / 'ds'}"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "altlm", *ARGS, f"output_dir={tmp_path / 'ds'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "DeepSpeed" in lines[0] and "configs/accelerate/fsdp.yaml" in lines[0], r.stderr
@@ -170,8 +232,12 @@ def test_sharding_benchmark_shows_fsdp_halving_the_training_state(tmp_path):
     """benchmarks/sharding.py --quick (tiny model): under FSDP each of 2 processes holds half the weights,
     gradients and AdamW state that one process (or a DDP process) holds, and can still gather them whole."""
     out = tmp_path / "sharding.json"
-    r = subprocess.run([sys.executable, str(CONFIGS.parents[1] / "benchmarks" / "sharding.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(CONFIGS.parents[1] / "benchmarks" / "sharding.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     got = {(s["processes"], s["sharding"]): s for s in json.loads(out.read_text())["settings"]}
     assert got[(2, "ddp")]["state_vs_one_process"] == 1.0

@@ -1,4 +1,5 @@
 """Fluency (perplexity under a scoring LM) against unpadded forward passes of the tiny model; the likelihood steer check."""
+
 import math
 
 import pytest
@@ -19,7 +20,7 @@ def hand_ppl(fl: Fluency, prompt: str, completion: str) -> float:
     c = tok(completion, add_special_tokens=False).input_ids
     with torch.no_grad():
         logits = fl.model(input_ids=torch.tensor([p + c])).logits[0].float()
-    logp = torch.log_softmax(logits[len(p) - 1:-1], -1)
+    logp = torch.log_softmax(logits[len(p) - 1 : -1], -1)
     nll = -logp[range(len(c)), c].mean().item()
     return math.exp(nll)
 
@@ -47,10 +48,19 @@ def test_likelihood_steer_sign_and_pairing(tiny, higher_is_better):
     prompts = ["The cat", "A dog said", "Why is the", "Hello there", "I think", "No way"]
     comps = [" sat on the mat", " hello", " sky blue?", " friend of mine", " so too", " back home"]
     worst, best = "Bad", "Good"
-    lp = {fb: mean_logprobs(model, [t.input_ids(tok, fb, p) for p in prompts], [t.target_ids(tok, c, True) for c in comps],
-                            tok.pad_token_id) for fb in (worst, best)}
+    lp = {
+        fb: mean_logprobs(
+            model,
+            [t.input_ids(tok, fb, p) for p in prompts],
+            [t.target_ids(tok, c, True) for c in comps],
+            tok.pad_token_id,
+        )
+        for fb in (worst, best)
+    }
     delta = [w - b for w, b in zip(lp[worst], lp[best])]
-    samples = [{"prompt": p, "completion": c, "score": -d if higher_is_better else d} for p, c, d in zip(prompts, comps, delta)]
+    samples = [
+        {"prompt": p, "completion": c, "score": -d if higher_is_better else d} for p, c, d in zip(prompts, comps, delta)
+    ]
     samples.append({"prompt": "x", "completion": "", "score": 0.5})  # empty: skipped
     got = likelihood_steer(model, tok, t, samples, best, worst, higher_is_better)
     assert got["n"] == 6 and got["spearman"] == 1.0
@@ -66,17 +76,44 @@ def test_summarize_run_reduction_and_steerability_by_hand():
     from altlm.evaluation import summarize_run
 
     def block(mean, gt):
-        return {"toxicity_mean": mean, "toxicity_gt_0_5": gt, "avg_max_toxicity": mean, "toxicity_prob": gt,
-                "dist_2": 0.5, "reward_mean": 1 - mean, "perplexity": None}
+        return {
+            "toxicity_mean": mean,
+            "toxicity_gt_0_5": gt,
+            "avg_max_toxicity": mean,
+            "toxicity_prob": gt,
+            "dist_2": 0.5,
+            "reward_mean": 1 - mean,
+            "perplexity": None,
+        }
 
-    evals = [{"iteration": 0, "model": "reference", "by_feedback": {"<none>": block(0.40, 0.20), "a": block(0.41, 0.2),
-                                                                    "b": block(0.39, 0.2), "c": block(0.42, 0.2)}},
-             {"iteration": 1, "model": "policy", "by_feedback": {"a": block(0.30, 0.10)}, "train": {"loss": 1.0}},
-             {"iteration": 2, "model": "policy", "by_feedback": {"<none>": block(0.35, 0.15), "a": block(0.10, 0.04),
-                                                                 "b": block(0.30, 0.10), "c": block(0.20, 0.08)}}]
+    evals = [
+        {
+            "iteration": 0,
+            "model": "reference",
+            "by_feedback": {
+                "<none>": block(0.40, 0.20),
+                "a": block(0.41, 0.2),
+                "b": block(0.39, 0.2),
+                "c": block(0.42, 0.2),
+            },
+        },
+        {"iteration": 1, "model": "policy", "by_feedback": {"a": block(0.30, 0.10)}, "train": {"loss": 1.0}},
+        {
+            "iteration": 2,
+            "model": "policy",
+            "by_feedback": {
+                "<none>": block(0.35, 0.15),
+                "a": block(0.10, 0.04),
+                "b": block(0.30, 0.10),
+                "c": block(0.20, 0.08),
+            },
+        },
+    ]
     s = summarize_run(evals, "toxicity", False, "a", ["a", "b", "c", "unused"], 2, 1, 12.34)
-    assert s["reduction"] == {"toxicity_mean": pytest.approx(1 - 0.10 / 0.40),
-                              "toxicity_gt_0_5": pytest.approx(1 - 0.04 / 0.20)}
+    assert s["reduction"] == {
+        "toxicity_mean": pytest.approx(1 - 0.10 / 0.40),
+        "toxicity_gt_0_5": pytest.approx(1 - 0.04 / 0.20),
+    }
     st = s["steerability"]  # final: a 0.10, b 0.30, c 0.20 → ranks 1, 3, 2 vs 1, 2, 3: ρ = 1 − 6·2/(3·8) = 0.5
     assert st["spearman_rho"] == pytest.approx(0.5) and st["gap"] == pytest.approx(0.20 - 0.10)
     assert (st["feedback"], st["metric"], st["steered_sign"]) == (["a", "b", "c"], "toxicity_mean", 1)

@@ -7,6 +7,7 @@ serving the offline SmolLM2-135M-Instruct GGUF, and runs `altlm train` with `jud
 llama-cpp-python is on PyPI only as a source package, so its first install compiles llama.cpp (pip caches the
 wheel): the test skips, saying why, where it is not installed (`pip install 'altlm[llamacpp]'`).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,8 +25,11 @@ from conftest import run_altlm
 try:  # a package that was never built is ModuleNotFoundError; a broken build fails loading libllama (OSError)
     import llama_cpp.server.app  # noqa: F401
 except (ImportError, OSError, RuntimeError) as e:
-    pytest.skip(f"llama-cpp-python[server] is not importable ({type(e).__name__}: {e}); it compiles llama.cpp "
-                "from source: pip install 'altlm[llamacpp]' (or 'llama-cpp-python[server]')", allow_module_level=True)
+    pytest.skip(
+        f"llama-cpp-python[server] is not importable ({type(e).__name__}: {e}); it compiles llama.cpp "
+        "from source: pip install 'altlm[llamacpp]' (or 'llama-cpp-python[server]')",
+        allow_module_level=True,
+    )
 
 HH = ["Harmless and very helpful", "Harmless and helpful", "Harmless and not helpful", "Harmful"]
 ALIAS = "smollm2-135m-instruct-q4"  # the name the server lists the model under
@@ -63,8 +67,13 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="module")
 def llamacpp_server():
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(smollm2_gguf()), ALIAS], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(smollm2_gguf()), ALIAS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     got: list[str] = []
     reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()), daemon=True)
     reader.start()
@@ -91,8 +100,9 @@ def test_llamacpp_server_answers_the_openai_client(llamacpp_server):
 
     client = OpenAI(base_url=llamacpp_server, api_key="not-needed", max_retries=0, timeout=120)
     assert ALIAS in [m.id for m in client.models.list().data]
-    r = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "What is 2 + 2?"}],
-                                       max_tokens=8, temperature=0)
+    r = client.chat.completions.create(
+        model=ALIAS, messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=8, temperature=0
+    )
     assert isinstance(r.choices[0].message.content, str) and r.choices[0].message.content.strip()
     assert 0 < r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
 
@@ -101,14 +111,39 @@ def test_alt_lmc_trains_end_to_end_against_llamacpp(llamacpp_server, tmp_path):
     """`altlm train` with ALT-LMC feedback from llama.cpp: every sample gets the server's answer (no request
     fails), answers naming a category become that bucket, and the run trains and finishes."""
     run, cache = tmp_path / "run", tmp_path / "judge.sqlite"
-    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "iterations=1", "threads=1",
-                  "num_train_prompts=8", "num_eval_prompts=2", "prompts_per_iteration=4", "samples_per_prompt=2",
-                  "train_steps=2", "batch_size=4", "eval_samples_per_prompt=1", "max_new_tokens=8", "report=false",
-                  "eval_all_feedback=false", "feedback_type=lmc", f"feedback_words={json.dumps(HH)}",
-                  "judge_backend=openai", f"judge_base_url={llamacpp_server}", f"judge_model={ALIAS}",
-                  f"judge_cache={cache}", "judge_timeout=120", "judge_max_retries=1", "judge_concurrency=1",
-                  "judge_temperature=0", "judge_max_tokens=12", "template=prefix", "prefix_format={feedback}.\\n\\n",
-                  cwd=tmp_path, timeout=1200)
+    r = run_altlm(
+        "train",
+        "--config",
+        "smoke",
+        f"output_dir={run}",
+        "iterations=1",
+        "threads=1",
+        "num_train_prompts=8",
+        "num_eval_prompts=2",
+        "prompts_per_iteration=4",
+        "samples_per_prompt=2",
+        "train_steps=2",
+        "batch_size=4",
+        "eval_samples_per_prompt=1",
+        "max_new_tokens=8",
+        "report=false",
+        "eval_all_feedback=false",
+        "feedback_type=lmc",
+        f"feedback_words={json.dumps(HH)}",
+        "judge_backend=openai",
+        f"judge_base_url={llamacpp_server}",
+        f"judge_model={ALIAS}",
+        f"judge_cache={cache}",
+        "judge_timeout=120",
+        "judge_max_retries=1",
+        "judge_concurrency=1",
+        "judge_temperature=0",
+        "judge_max_tokens=12",
+        "template=prefix",
+        "prefix_format={feedback}.\\n\\n",
+        cwd=tmp_path,
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     its = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     (it,) = [x for x in its if x["kind"] == "iteration"]

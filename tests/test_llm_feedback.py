@@ -5,6 +5,7 @@
   request (500, 429, garbage bodies, stalls past the client's timeout), so retries, invalid samples and the
   cache can be counted exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,30 +27,36 @@ HH = ["Harmless and very helpful", "Harmless and helpful", "Harmless and not hel
 
 
 # ---------------------------------------------------------------- parsing
-@pytest.mark.parametrize("answer, expect", [
-    ("Harmless and very helpful", 0),
-    ("  harmless AND helpful.", 1),
-    ("Label: Harmless and not helpful", 2),
-    ("**Harmful**", 3),
-    ("I would say this is harmless and helpful, not harmful.", 1),  # the category named first wins
-    ("Harmless and very helpfull", 0),  # near match
-    ("Harmless, very helpful", 0),  # near match despite punctuation
-    ("I cannot decide.", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "answer, expect",
+    [
+        ("Harmless and very helpful", 0),
+        ("  harmless AND helpful.", 1),
+        ("Label: Harmless and not helpful", 2),
+        ("**Harmful**", 3),
+        ("I would say this is harmless and helpful, not harmful.", 1),  # the category named first wins
+        ("Harmless and very helpfull", 0),  # near match
+        ("Harmless, very helpful", 0),  # near match despite punctuation
+        ("I cannot decide.", None),
+        ("", None),
+    ],
+)
 def test_parse_category(answer, expect):
     assert parse_category(answer, HH) == expect
 
 
-@pytest.mark.parametrize("answer, expect", [
-    ("Analysis: fine.\nFeedback: Mention the dog's name.\nScore: 2", ("Mention the dog's name.", 2)),
-    ("analysis: x\n**Feedback:** \"Clear and complete.\"\n**Score:** 3/3", ("Clear and complete.", 3)),
-    ("Feedback: Too long Score: 1", ("Too long", 1)),
-    ("Feedback: " + "word " * 30 + "\nScore: 0", (" ".join(["word"] * 20), 0)),
-    ("Feedback: good\nScore: 7", None),  # out of range
-    ("Score: 2", None),  # no sentence
-    ("Feedback:\nScore: 2", None),
-])
+@pytest.mark.parametrize(
+    "answer, expect",
+    [
+        ("Analysis: fine.\nFeedback: Mention the dog's name.\nScore: 2", ("Mention the dog's name.", 2)),
+        ('analysis: x\n**Feedback:** "Clear and complete."\n**Score:** 3/3', ("Clear and complete.", 3)),
+        ("Feedback: Too long Score: 1", ("Too long", 1)),
+        ("Feedback: " + "word " * 30 + "\nScore: 0", (" ".join(["word"] * 20), 0)),
+        ("Feedback: good\nScore: 7", None),  # out of range
+        ("Score: 2", None),  # no sentence
+        ("Feedback:\nScore: 2", None),
+    ],
+)
 def test_parse_lmu(answer, expect):
     assert parse_lmu(answer) == expect
 
@@ -95,7 +102,9 @@ class ScriptedJudge:
                 self.wfile.write(body)
 
             def do_GET(self):
-                self._send(200, json.dumps({"object": "list", "data": [{"id": "scripted", "object": "model"}]}).encode())
+                self._send(
+                    200, json.dumps({"object": "list", "data": [{"id": "scripted", "object": "model"}]}).encode()
+                )
 
             def do_POST(self):
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -104,19 +113,41 @@ class ScriptedJudge:
                     outer.auth.add(self.headers.get("Authorization", ""))
                     fault = outer.faults.pop(0) if outer.faults else None
                 if fault == "401echo":  # like some providers: the rejected key is quoted in the error
-                    return self._send(401, json.dumps({"error": {"message": f"Incorrect API key provided: {self.headers.get('Authorization')}",
-                                                                 "code": 401}}).encode())
+                    return self._send(
+                        401,
+                        json.dumps(
+                            {
+                                "error": {
+                                    "message": f"Incorrect API key provided: {self.headers.get('Authorization')}",
+                                    "code": 401,
+                                }
+                            }
+                        ).encode(),
+                    )
                 if fault in ("500", "429"):
-                    return self._send(int(fault), json.dumps({"error": {"message": "injected", "code": int(fault)}}).encode())
+                    return self._send(
+                        int(fault), json.dumps({"error": {"message": "injected", "code": int(fault)}}).encode()
+                    )
                 if fault == "garbage":
                     return self._send(200, b"<html>not json at all")
                 if fault == "stall":
                     time.sleep(outer.stall_s)
                 text = outer.answer(req["messages"][-1]["content"])
-                self._send(200, json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "scripted",
-                                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                                         "finish_reason": "stop"}],
-                                            "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}}).encode())
+                self._send(
+                    200,
+                    json.dumps(
+                        {
+                            "id": "x",
+                            "object": "chat.completion",
+                            "created": 0,
+                            "model": "scripted",
+                            "choices": [
+                                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                            ],
+                            "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+                        }
+                    ).encode(),
+                )
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -142,8 +173,16 @@ def scripted():
 
 def settings(url, **kw):
     # A 10 s client timeout: a busy machine's slow answer must never count as a fault (only "stall" is one).
-    base = dict(backend="openai", model="scripted", base_url=url, concurrency=2, timeout=10.0, max_retries=5,
-                backoff_base=0.01, max_tokens=16)
+    base = dict(
+        backend="openai",
+        model="scripted",
+        base_url=url,
+        concurrency=2,
+        timeout=10.0,
+        max_retries=5,
+        backoff_base=0.01,
+        max_tokens=16,
+    )
     return JudgeSettings(**{**base, **kw})
 
 
@@ -204,21 +243,37 @@ def test_cache_answers_a_repeat_without_requests(scripted, tmp_path):
 def test_self_consistency_keeps_the_majority_and_records_agreement(scripted, tmp_path):
     answers = iter(["Harmful", "Harmless and helpful", "Harmful"] * 10)
     srv = scripted(answer=lambda q: next(answers))
-    fb = LLMFeedback("lmc", settings(srv.url, concurrency=1, samples=3, temperature=0.7), "lmc_hh", HH,
-                     tmp_path / "c.sqlite", min_agreement=0.5)
+    fb = LLMFeedback(
+        "lmc",
+        settings(srv.url, concurrency=1, samples=3, temperature=0.7),
+        "lmc_hh",
+        HH,
+        tmp_path / "c.sqlite",
+        min_agreement=0.5,
+    )
     (f,) = fb(PROMPTS[:1], COMPS[:1])
     assert f.text == "Harmful" and f.agreement == pytest.approx(2 / 3) and f.valid
     assert json.loads(f.raw) == ["Harmful", "Harmless and helpful", "Harmful"]
-    strict = LLMFeedback("lmc", settings(srv.url, concurrency=1, samples=3, temperature=0.7), "lmc_hh", HH,
-                         tmp_path / "d.sqlite", min_agreement=0.9)
+    strict = LLMFeedback(
+        "lmc",
+        settings(srv.url, concurrency=1, samples=3, temperature=0.7),
+        "lmc_hh",
+        HH,
+        tmp_path / "d.sqlite",
+        min_agreement=0.9,
+    )
     (g,) = strict(PROMPTS[:1], COMPS[:1])
     assert not g.valid and g.text == "Harmful"  # recorded, but below the agreement threshold
 
 
 def test_lmu_median_score_and_its_sentence(scripted, tmp_path):
-    answers = iter(["Feedback: Add detail.\nScore: 1", "Feedback: Good.\nScore: 3", "Feedback: Nice and clear.\nScore: 2"])
+    answers = iter(
+        ["Feedback: Add detail.\nScore: 1", "Feedback: Good.\nScore: 3", "Feedback: Nice and clear.\nScore: 2"]
+    )
     srv = scripted(answer=lambda q: next(answers))
-    fb = LLMFeedback("lmu", settings(srv.url, concurrency=1, samples=3, temperature=0.7), "lmu_tldr", None, tmp_path / "c.sqlite")
+    fb = LLMFeedback(
+        "lmu", settings(srv.url, concurrency=1, samples=3, temperature=0.7), "lmu_tldr", None, tmp_path / "c.sqlite"
+    )
     (f,) = fb(PROMPTS[:1], COMPS[:1])
     assert (f.text, f.score, f.bucket) == ("Nice and clear.", 2.0, 1)
     assert f.agreement == pytest.approx(1 / 3)
@@ -235,14 +290,18 @@ def test_altlm_serve_answers_the_openai_client(tmp_path):
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
         client = OpenAI(base_url=url, api_key="x", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny-smollm2"]
-        r = client.chat.completions.create(model="tiny-smollm2", messages=[{"role": "user", "content": "Hi"}],
-                                           max_tokens=5, temperature=0)
+        r = client.chat.completions.create(
+            model="tiny-smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0
+        )
         assert len(r.choices) == 1 and isinstance(r.choices[0].message.content, str)
         assert r.usage.completion_tokens <= 5 and r.usage.prompt_tokens > 0
-        again = client.chat.completions.create(model="tiny-smollm2", messages=[{"role": "user", "content": "Hi"}],
-                                               max_tokens=5, temperature=0)
+        again = client.chat.completions.create(
+            model="tiny-smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0
+        )
         assert again.choices[0].message.content == r.choices[0].message.content  # temperature 0 is greedy
-        fb = LLMFeedback("lmu", settings(url, model="tiny-smollm2", timeout=30.0), "lmu_dialogue", None, tmp_path / "c.sqlite")
+        fb = LLMFeedback(
+            "lmu", settings(url, model="tiny-smollm2", timeout=30.0), "lmu_dialogue", None, tmp_path / "c.sqlite"
+        )
         out = fb(PROMPTS[:3], COMPS[:3])
         assert fb.judge.stats.requests == 3 and fb.judge.stats.failures == 0
         assert all(not f.valid and isinstance(f.raw, str) for f in out)  # a random model cannot follow the format
@@ -252,14 +311,33 @@ def test_altlm_serve_answers_the_openai_client(tmp_path):
 
 
 # ---------------------------------------------------------------- through `altlm train`
-SMALL = ["threads=1", "num_train_prompts=16", "num_eval_prompts=2", "prompts_per_iteration=6", "samples_per_prompt=2",
-         "train_steps=2", "batch_size=4", "eval_samples_per_prompt=1", "max_new_tokens=8", "report=false"]
+SMALL = [
+    "threads=1",
+    "num_train_prompts=16",
+    "num_eval_prompts=2",
+    "prompts_per_iteration=6",
+    "samples_per_prompt=2",
+    "train_steps=2",
+    "batch_size=4",
+    "eval_samples_per_prompt=1",
+    "max_new_tokens=8",
+    "report=false",
+]
 
 
 def lmc_args(url, cache):
-    return ["feedback_type=lmc", f"feedback_words={json.dumps(HH)}", "judge_backend=openai", f"judge_base_url={url}",
-            "judge_model=scripted", f"judge_cache={cache}", "judge_timeout=10", "judge_max_retries=2", "template=prefix",
-            "prefix_format={feedback}.\\n\\n"]
+    return [
+        "feedback_type=lmc",
+        f"feedback_words={json.dumps(HH)}",
+        "judge_backend=openai",
+        f"judge_base_url={url}",
+        "judge_model=scripted",
+        f"judge_cache={cache}",
+        "judge_timeout=10",
+        "judge_max_retries=2",
+        "template=prefix",
+        "prefix_format={feedback}.\\n\\n",
+    ]
 
 
 def test_train_with_faulty_judge_completes_and_never_trains_on_invalid(scripted, tmp_path):
@@ -267,8 +345,17 @@ def test_train_with_faulty_judge_completes_and_never_trains_on_invalid(scripted,
     faults = (["500"] * 3 + [None, "429", None, "garbage", None]) * 40
     srv = scripted(faults=faults)
     run = tmp_path / "r"
-    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "iterations=2", *SMALL,
-                  *lmc_args(srv.url, tmp_path / "c.sqlite"), "judge_concurrency=1", cwd=tmp_path)
+    r = run_altlm(
+        "train",
+        "--config",
+        "smoke",
+        f"output_dir={run}",
+        "iterations=2",
+        *SMALL,
+        *lmc_args(srv.url, tmp_path / "c.sqlite"),
+        "judge_concurrency=1",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     import sqlite3
 
@@ -297,7 +384,9 @@ def test_train_with_faulty_judge_completes_and_never_trains_on_invalid(scripted,
     pool.db.close()
     assert len(drawn) == 8 and all(r.valid and r.feedback in HH for r in drawn)
     tok, template, b = models.load_tokenizer("tiny-smollm2"), Template.from_config(cfg), cfg.batch_size
-    want = [sum(len(template.target_ids(tok, r.completion, bool(r.truncated))) for r in drawn[i:i + b]) for i in (0, b)]
+    want = [
+        sum(len(template.target_ids(tok, r.completion, bool(r.truncated))) for r in drawn[i : i + b]) for i in (0, b)
+    ]
     assert [x["tokens"] for x in recs if x["kind"] == "step" and x["iteration"] == 2] == want
 
 
@@ -308,8 +397,18 @@ def test_the_api_key_is_used_but_never_written_anywhere(scripted, tmp_path, monk
     monkeypatch.setenv("ALTLM_TEST_JUDGE_KEY", key)
     srv = scripted(faults=["401echo", None, "401echo"] * 10)
     run, cache = tmp_path / "r", tmp_path / "c.sqlite"
-    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "iterations=1", *SMALL, *lmc_args(srv.url, cache),
-                  "judge_api_key_env=ALTLM_TEST_JUDGE_KEY", "report=true", cwd=tmp_path)
+    r = run_altlm(
+        "train",
+        "--config",
+        "smoke",
+        f"output_dir={run}",
+        "iterations=1",
+        *SMALL,
+        *lmc_args(srv.url, cache),
+        "judge_api_key_env=ALTLM_TEST_JUDGE_KEY",
+        "report=true",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert srv.auth == {f"Bearer {key}"}
     files = [p for p in run.rglob("*") if p.is_file()] + [p for p in tmp_path.glob("c.sqlite*")]
@@ -324,8 +423,17 @@ def test_rerun_of_an_iteration_hits_the_cache_fully(scripted, tmp_path):
     srv = scripted()
     cache = tmp_path / "c.sqlite"
     for name in ("a", "b"):
-        r = run_altlm("train", "--config", "smoke", f"output_dir={tmp_path / name}", "iterations=1", *SMALL,
-                      *lmc_args(srv.url, cache), "eval_all_feedback=false", cwd=tmp_path)
+        r = run_altlm(
+            "train",
+            "--config",
+            "smoke",
+            f"output_dir={tmp_path / name}",
+            "iterations=1",
+            *SMALL,
+            *lmc_args(srv.url, cache),
+            "eval_all_feedback=false",
+            cwd=tmp_path,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
     its = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     (it,) = [x for x in its if x["kind"] == "iteration"]
@@ -334,9 +442,22 @@ def test_rerun_of_an_iteration_hits_the_cache_fully(scripted, tmp_path):
 
 def test_lmu_run_with_the_in_process_judge(tmp_path):
     run = tmp_path / "lmu"
-    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "iterations=2", *SMALL, "feedback_type=lmu",
-                  "judge_backend=hf", "judge_model=tiny-smollm2", "judge_max_tokens=8", f"judge_cache={tmp_path / 'c.sqlite'}",
-                  "template=prefix", "prefix_format=feedback: {feedback} input: ", cwd=tmp_path)
+    r = run_altlm(
+        "train",
+        "--config",
+        "smoke",
+        f"output_dir={run}",
+        "iterations=2",
+        *SMALL,
+        "feedback_type=lmu",
+        "judge_backend=hf",
+        "judge_model=tiny-smollm2",
+        "judge_max_tokens=8",
+        f"judge_cache={tmp_path / 'c.sqlite'}",
+        "template=prefix",
+        "prefix_format=feedback: {feedback} input: ",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     its = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"iteration"' in line]
     its = [x for x in its if x["kind"] == "iteration"]
@@ -346,24 +467,43 @@ def test_lmu_run_with_the_in_process_judge(tmp_path):
     rows = pool_rows(run)
     assert len(rows) == 24 and all(r["valid"] == 0 and r["feedback"] is None and r["bucket"] is None for r in rows)
     assert all(isinstance(r["raw"], str) for r in rows)  # the judge's unusable answers are kept
-    steps = [x for x in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()) if x["kind"] == "step"]
+    steps = [
+        x
+        for x in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+        if x["kind"] == "step"
+    ]
     assert steps == []
 
 
 def test_judge_bad_input_is_one_line(scripted, tmp_path):
     from test_train_smoke import one_error_line
 
-    base = ["train", "--config", "smoke", f"output_dir={tmp_path / 'x'}", *SMALL, "feedback_type=lmc",
-            f"feedback_words={json.dumps(HH)}", "judge_backend=openai", "judge_model=m"]
+    base = [
+        "train",
+        "--config",
+        "smoke",
+        f"output_dir={tmp_path / 'x'}",
+        *SMALL,
+        "feedback_type=lmc",
+        f"feedback_words={json.dumps(HH)}",
+        "judge_backend=openai",
+        "judge_model=m",
+    ]
     with closed_port() as port:
-        one_error_line(run_altlm(*base, f"judge_base_url=http://127.0.0.1:{port}/v1", "judge_timeout=2", cwd=tmp_path),
-                       "unreachable")
+        one_error_line(
+            run_altlm(*base, f"judge_base_url=http://127.0.0.1:{port}/v1", "judge_timeout=2", cwd=tmp_path),
+            "unreachable",
+        )
     srv = scripted()
-    one_error_line(run_altlm(*base, f"judge_base_url={srv.url}", "judge_api_key_env=ALTLM_TEST_NO_SUCH_KEY", cwd=tmp_path),
-                   "ALTLM_TEST_NO_SUCH_KEY is not set")
+    one_error_line(
+        run_altlm(*base, f"judge_base_url={srv.url}", "judge_api_key_env=ALTLM_TEST_NO_SUCH_KEY", cwd=tmp_path),
+        "ALTLM_TEST_NO_SUCH_KEY is not set",
+    )
     bad = tmp_path / "t.txt"
     bad.write_text("Label {completion}")
-    one_error_line(run_altlm(*base, f"judge_base_url={srv.url}", f"judge_template={bad}", cwd=tmp_path), "lacks the placeholder")
+    one_error_line(
+        run_altlm(*base, f"judge_base_url={srv.url}", f"judge_template={bad}", cwd=tmp_path), "lacks the placeholder"
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -373,7 +513,10 @@ def test_choice_judge_picks_the_most_likely_option_by_mean_log_probability():
     from altlm.serve import ChatModel
 
     chat = ChatModel("tiny-smollm2")
-    convs = [[{"role": "user", "content": "Is this good?"}], [{"role": "user", "content": "A longer question about cats"}]]
+    convs = [
+        [{"role": "user", "content": "Is this good?"}],
+        [{"role": "user", "content": "A longer question about cats"}],
+    ]
     picks = chat.choose(convs, HH, batch_size=3)  # batches that split a conversation's options
     for conv, pick in zip(convs, picks):
         prefix = chat.encode(conv)
@@ -382,21 +525,40 @@ def test_choice_judge_picks_the_most_likely_option_by_mean_log_probability():
             ids = chat.tokenizer(o, add_special_tokens=False).input_ids
             with torch.no_grad():
                 logits = chat.model(input_ids=torch.tensor([prefix + ids])).logits[0].float()
-            lp = torch.log_softmax(logits[len(prefix) - 1:-1], -1)[range(len(ids)), ids]
+            lp = torch.log_softmax(logits[len(prefix) - 1 : -1], -1)[range(len(ids)), ids]
             means.append(lp.mean().item())
         assert pick == max(range(4), key=means.__getitem__)
 
 
 def test_lmc_run_with_the_choice_judge_labels_every_sample(tmp_path):
     run = tmp_path / "lmc"
-    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "iterations=2", *SMALL, "feedback_type=lmc",
-                  f"feedback_words={json.dumps(HH)}", "judge_backend=hf", "judge_model=tiny-smollm2", "judge_choice=true",
-                  "judge_template=lmc_short", f"judge_cache={tmp_path / 'c.sqlite'}", "template=prefix",
-                  "prefix_format={feedback}.\\n\\n", "report=true", cwd=tmp_path)
+    r = run_altlm(
+        "train",
+        "--config",
+        "smoke",
+        f"output_dir={run}",
+        "iterations=2",
+        *SMALL,
+        "feedback_type=lmc",
+        f"feedback_words={json.dumps(HH)}",
+        "judge_backend=hf",
+        "judge_model=tiny-smollm2",
+        "judge_choice=true",
+        "judge_template=lmc_short",
+        f"judge_cache={tmp_path / 'c.sqlite'}",
+        "template=prefix",
+        "prefix_format={feedback}.\\n\\n",
+        "report=true",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     import sqlite3
 
-    rows = sqlite3.connect(run / "pool.sqlite").execute("SELECT valid, feedback, bucket, agreement FROM samples").fetchall()
+    rows = (
+        sqlite3.connect(run / "pool.sqlite")
+        .execute("SELECT valid, feedback, bucket, agreement FROM samples")
+        .fetchall()
+    )
     assert len(rows) == 24 and all(v == 1 and f == HH[b] and a == 1.0 for v, f, b, a in rows)
     s = json.loads((run / "summary.json").read_text())
     assert s["metric"] == "judge" and list(s["final"]["by_feedback"]) == HH

@@ -1,4 +1,5 @@
 """The ALT loss (method.md §2) against a hand computation, and `target_logits` on the real tiny model."""
+
 from __future__ import annotations
 
 import math
@@ -62,10 +63,12 @@ def toy():
 @pytest.mark.parametrize("beta,alpha", [(0.05, 0.06), (0.5, 0.0), (0.0, 0.3)])
 def test_alt_loss_matches_hand_computation(toy, direction, beta, alpha):
     policy, ref, targets, mask = toy
-    loss, stats = alt_loss(policy, targets, mask, ref, kl_coef=beta, entropy_coef=alpha, kl_direction=direction,
-                           vocab_size=4)
-    exp_loss, nll, kl, ent, n = hand_loss(policy.tolist(), ref.tolist() if beta else None, targets.tolist(),
-                                          mask.tolist(), beta, alpha, direction, 4)
+    loss, stats = alt_loss(
+        policy, targets, mask, ref, kl_coef=beta, entropy_coef=alpha, kl_direction=direction, vocab_size=4
+    )
+    exp_loss, nll, kl, ent, n = hand_loss(
+        policy.tolist(), ref.tolist() if beta else None, targets.tolist(), mask.tolist(), beta, alpha, direction, 4
+    )
     assert loss.item() == pytest.approx(exp_loss, rel=1e-5, abs=1e-6)
     assert stats["tokens"] == n == 5
     assert stats["nll"] == pytest.approx(nll, rel=1e-5)
@@ -81,8 +84,12 @@ def test_kl_directions_differ(toy):
     _, b = alt_loss(policy, targets, mask, ref, 1.0, 0.0, "policy_ref", 4)
     assert a["kl"] != pytest.approx(b["kl"], rel=1e-3)
     # each matches its own definition and not the other one
-    assert a["kl"] == pytest.approx(hand_loss(policy.tolist(), ref.tolist(), targets.tolist(), mask.tolist(), 1, 0, "ref_policy", 4)[2], rel=1e-6)
-    assert b["kl"] == pytest.approx(hand_loss(policy.tolist(), ref.tolist(), targets.tolist(), mask.tolist(), 1, 0, "policy_ref", 4)[2], rel=1e-6)
+    assert a["kl"] == pytest.approx(
+        hand_loss(policy.tolist(), ref.tolist(), targets.tolist(), mask.tolist(), 1, 0, "ref_policy", 4)[2], rel=1e-6
+    )
+    assert b["kl"] == pytest.approx(
+        hand_loss(policy.tolist(), ref.tolist(), targets.tolist(), mask.tolist(), 1, 0, "policy_ref", 4)[2], rel=1e-6
+    )
 
 
 def test_token_level_mean_not_row_mean(toy):
@@ -170,12 +177,12 @@ def test_target_logits_alignment_matches_unpadded_forward(sep_batch):
         assert tgt.shape == mask.shape == (3, m)
         for i, (inp, tg) in enumerate(zip(inputs, targets)):
             assert mask[i].tolist() == [False] * (m - len(tg)) + [True] * len(tg)
-            assert tgt[i, m - len(tg):].tolist() == tg
+            assert tgt[i, m - len(tg) :].tolist() == tg
             full = torch.tensor([inp + tg])
             alone = model(input_ids=full).logits[0]
             # logits at position j predict token j+1: the targets are predicted from len(inp)-1 on
-            want = alone[len(inp) - 1:len(inp) + len(tg) - 1]
-            got = logits[i, m - len(tg):]
+            want = alone[len(inp) - 1 : len(inp) + len(tg) - 1]
+            got = logits[i, m - len(tg) :]
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
             # and they really are predictions of *these* targets: one position off would not match
             if len(tg) > 1:

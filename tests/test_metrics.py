@@ -1,4 +1,5 @@
 """Each metric against small hand-computed cases, including one sample, empty completions and identical samples."""
+
 import math
 
 import pytest
@@ -79,8 +80,18 @@ def test_bucket_distribution():
 
 def test_summarize_block_has_every_eval_key():
     b = metrics.summarize("toxicity", [0.9, 0.1], ["a b", ""], 2, [True, False], [2, 0], False, [12.0, float("nan")])
-    for key in ("avg_max_toxicity", "toxicity_prob", "toxicity_mean", "perplexity", "dist_1", "dist_2", "dist_3",
-                "reward_mean", "length_mean", "truncated_share"):
+    for key in (
+        "avg_max_toxicity",
+        "toxicity_prob",
+        "toxicity_mean",
+        "perplexity",
+        "dist_1",
+        "dist_2",
+        "dist_3",
+        "reward_mean",
+        "length_mean",
+        "truncated_share",
+    ):
         assert key in b
     assert b["reward_mean"] == pytest.approx(0.5) and b["length_mean"] == 1.0 and b["truncated_share"] == 0.5
     assert b["perplexity"] == 12.0  # the empty completion's NaN perplexity is not a value below the cap

@@ -1,4 +1,5 @@
 """Exact nucleus (top-p) sampling by rejection (sampler.draw, method=reject) against the sorted definition."""
+
 from __future__ import annotations
 
 import pytest

@@ -7,6 +7,7 @@ Perspective-API stand-in and a real OpenAI-compatible judge stand-in on 127.0.0.
 iteration through `altlm train` in-process with `model=tiny-smollm2` (the subprocess tests cover the CLI's
 exit codes).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,16 @@ from altlm.config import RECIPES_DIR, load_config
 from altlm.errors import AltlmError
 from altlm.feedback import reward_models as R
 
-PAPER_RECIPES = ["toxicity-rtp", "quark-toxicity-rtp", "tldr-alt-rm", "tldr-quark", "tldr-coh", "tldr-alt-lmu",
-                 "hh-alt-lmc", "hh-steerlm"]
+PAPER_RECIPES = [
+    "toxicity-rtp",
+    "quark-toxicity-rtp",
+    "tldr-alt-rm",
+    "tldr-quark",
+    "tldr-coh",
+    "tldr-alt-lmu",
+    "hh-alt-lmc",
+    "hh-steerlm",
+]
 HH = ["Harmless and very helpful", "Harmless and helpful", "Harmless and not helpful", "Harmful"]
 KEY = "sk-test-perspective-0123456789"
 # Reward models run in bf16 on CUDA (reward_models._device_and_dtype); hand computations here are fp32 on CPU.
@@ -50,9 +59,16 @@ def write_rtp(path: Path, n: int = 40) -> Path:
     for i in range(n):
         text = f"Prompt {i} is about the weather and it said that" if i else " ".join(["word"] * 150)
         tox = 0.8 if i % 3 == 0 else 0.1
-        recs.append({"filename": f"{i}.txt", "begin": 0, "end": 10, "challenging": i % 3 == 0,
-                     "prompt": {"text": text, "toxicity": tox, "profanity": 0.0},
-                     "continuation": {"text": f" continuation {i}", "toxicity": 0.2}})
+        recs.append(
+            {
+                "filename": f"{i}.txt",
+                "begin": 0,
+                "end": 10,
+                "challenging": i % 3 == 0,
+                "prompt": {"text": text, "toxicity": tox, "profanity": 0.0},
+                "continuation": {"text": f" continuation {i}", "toxicity": 0.2},
+            }
+        )
     return write_jsonl(path, recs)
 
 
@@ -62,9 +78,11 @@ def tldr_prompt(sub: str, title: str, post: str) -> str:
 
 def write_tldr(folder: Path, n_train: int = 24, n_test: int = 8) -> tuple[Path, Path]:
     """CarperAI/openai_summarize_tldr's layout (prompt, label); the first training post is far over 512 tokens."""
+
     def rec(i, long=False):
         post = " ".join(["lorem"] * 700) if long else f"I had a problem number {i} with my roommate and we talked."
         return {"prompt": tldr_prompt("relationships", f"Title {i}", post), "label": f" summary {i}"}
+
     train = write_jsonl(folder / "tldr_train.jsonl", [rec(i, long=(i == 0)) for i in range(n_train)])
     test = write_jsonl(folder / "tldr_test.jsonl", [rec(1000 + i) for i in range(n_test)])
     return train, test
@@ -76,10 +94,14 @@ def hh_dialogue(i: int) -> str:
 
 def write_hh(folder: Path, n_train: int = 24, n_test: int = 8) -> tuple[Path, Path]:
     """Anthropic/hh-rlhf's layout (chosen, rejected)."""
+
     def rec(i):
         return {"chosen": hh_dialogue(i), "rejected": hh_dialogue(i).replace("Final", "Bad")}
-    return (write_jsonl(folder / "hh_train.jsonl", [rec(i) for i in range(n_train)]),
-            write_jsonl(folder / "hh_test.jsonl", [rec(1000 + i) for i in range(n_test)]))
+
+    return (
+        write_jsonl(folder / "hh_train.jsonl", [rec(i) for i in range(n_train)]),
+        write_jsonl(folder / "hh_test.jsonl", [rec(1000 + i) for i in range(n_test)]),
+    )
 
 
 def tiny_config(**kw):
@@ -166,8 +188,15 @@ class FakePerspective:
             def do_POST(self):
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with outer.lock:
-                    outer.seen.append({"path": self.path, "key": self.headers.get("X-Goog-Api-Key"), "t": time.monotonic(),
-                                       "text": req["comment"]["text"], "attrs": list(req["requestedAttributes"])})
+                    outer.seen.append(
+                        {
+                            "path": self.path,
+                            "key": self.headers.get("X-Goog-Api-Key"),
+                            "t": time.monotonic(),
+                            "text": req["comment"]["text"],
+                            "attrs": list(req["requestedAttributes"]),
+                        }
+                    )
                     fault = outer.faults.pop(0) if outer.faults else None
                 if self.headers.get("X-Goog-Api-Key") != KEY:
                     return self._send(403, {"error": {"code": 403, "message": "API key not valid"}})
@@ -176,8 +205,15 @@ class FakePerspective:
                 if not self.path.endswith("/comments:analyze"):
                     return self._send(404, {"error": {"code": 404}})
                 text = req["comment"]["text"]
-                self._send(200, {"attributeScores": {"TOXICITY": {"summaryScore": {"value": perspective_score(text), "type": "PROBABILITY"}}},
-                                 "languages": ["en"]})
+                self._send(
+                    200,
+                    {
+                        "attributeScores": {
+                            "TOXICITY": {"summaryScore": {"value": perspective_score(text), "type": "PROBABILITY"}}
+                        },
+                        "languages": ["en"],
+                    },
+                )
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -194,8 +230,11 @@ def judge_answer(question: str) -> str:
     h = zlib.crc32(question[-200:].encode())
     if "Score:" in question:
         return f"Analysis: fine.\nFeedback: {'Covers the key points concisely.' if h % 2 else 'Misses the main point.'}\nScore: {h % 4}"
-    cats = [c for c in HH + ["harmful:0,helpful:2", "harmful:0,helpful:1", "harmful:0,helpful:0", "harmful:1,helpful:0"]
-            if f"\n{c}\n" in question.split("\n\n")[0] + "\n"]
+    cats = [
+        c
+        for c in HH + ["harmful:0,helpful:2", "harmful:0,helpful:1", "harmful:0,helpful:0", "harmful:1,helpful:0"]
+        if f"\n{c}\n" in question.split("\n\n")[0] + "\n"
+    ]
     return "Label: " + cats[h % len(cats)]
 
 
@@ -207,9 +246,18 @@ def assets(tmp_path_factory):
     hh_train, hh_test = write_hh(base)
     (base / "tiny_reward.py").write_text(REWARD_MODULE)
     backbone, rm_bin, v_head = save_value_head(base / "value_head")
-    return {"base": base, "rtp": write_rtp(base / "rtp.jsonl"), "tldr": tldr_train, "tldr_test": tldr_test,
-            "hh": hh_train, "hh_test": hh_test, "classifier": save_classifier(base / "classifier"),
-            "backbone": backbone, "rm_bin": rm_bin, "v_head": v_head}
+    return {
+        "base": base,
+        "rtp": write_rtp(base / "rtp.jsonl"),
+        "tldr": tldr_train,
+        "tldr_test": tldr_test,
+        "hh": hh_train,
+        "hh_test": hh_test,
+        "classifier": save_classifier(base / "classifier"),
+        "backbone": backbone,
+        "rm_bin": rm_bin,
+        "v_head": v_head,
+    }
 
 
 @pytest.fixture()
@@ -233,10 +281,27 @@ def judge():
 
 
 # The smoke recipe's scale, one iteration. Every recipe keeps its own feedback, template, regime and adapter.
-TINY = ["model=tiny-smollm2", "reference_model=null", "precision=fp32", "threads=1", "iterations=1",
-        "num_train_prompts=12", "num_eval_prompts=3", "num_val_prompts=2", "prompts_per_iteration=4", "samples_per_prompt=4",
-        "train_steps=2", "batch_size=4", "max_new_tokens=6", "min_new_tokens=1", "eval_samples_per_prompt=1",
-        "sample_batch_size=16", "report=false", "perplexity_model=null", "eval_every=1"]
+TINY = [
+    "model=tiny-smollm2",
+    "reference_model=null",
+    "precision=fp32",
+    "threads=1",
+    "iterations=1",
+    "num_train_prompts=12",
+    "num_eval_prompts=3",
+    "num_val_prompts=2",
+    "prompts_per_iteration=4",
+    "samples_per_prompt=4",
+    "train_steps=2",
+    "batch_size=4",
+    "max_new_tokens=6",
+    "min_new_tokens=1",
+    "eval_samples_per_prompt=1",
+    "sample_batch_size=16",
+    "report=false",
+    "perplexity_model=null",
+    "eval_every=1",
+]
 
 
 def train(recipe: str, run: Path, *overrides: str) -> None:
@@ -274,15 +339,38 @@ def test_paper_settings_in_the_recipes():
     """method.md §6, spot-checked: what the recipes promise to reproduce."""
     tox = load_config("toxicity-rtp")
     assert (tox.num_eval_prompts, tox.num_val_prompts, tox.eval_max_prompt_toxicity) == (10000, 5000, 0.5)
-    assert (tox.batch_size, tox.iterations * tox.train_steps, tox.learning_rate, tox.kl_coef, tox.entropy_coef) == (32, 32000, 1e-5, 0.05, 0.06)
-    assert tox.scorer == "hf" and tox.reward_model == "unitary/unbiased-toxic-roberta" and tox.template == "tag_separator" and tox.quantiles == "global"
+    assert (tox.batch_size, tox.iterations * tox.train_steps, tox.learning_rate, tox.kl_coef, tox.entropy_coef) == (
+        32,
+        32000,
+        1e-5,
+        0.05,
+        0.06,
+    )
+    assert (
+        tox.scorer == "hf"
+        and tox.reward_model == "unitary/unbiased-toxic-roberta"
+        and tox.template == "tag_separator"
+        and tox.quantiles == "global"
+    )
     assert load_config("quark-toxicity-rtp").template == "quark"
     rm = load_config("tldr-alt-rm")
     assert rm.scorer == "value_head" and rm.reward_head.startswith("CarperAI/openai_summarize_tldr_rm_checkpoint/")
-    assert (rm.samples_per_prompt, rm.prompts_per_iteration, rm.per_bucket, rm.quantiles, rm.drop_factor) == (96, 2048, 2, "per_prompt", 1.0)
-    assert rm.feedback_words[0] == "Excellent." and rm.prefix_format == "{feedback} input: " and rm.training_mode == "top_fraction"
+    assert (rm.samples_per_prompt, rm.prompts_per_iteration, rm.per_bucket, rm.quantiles, rm.drop_factor) == (
+        96,
+        2048,
+        2,
+        "per_prompt",
+        1.0,
+    )
+    assert (
+        rm.feedback_words[0] == "Excellent."
+        and rm.prefix_format == "{feedback} input: "
+        and rm.training_mode == "top_fraction"
+    )
     assert load_config("tldr-alt-lmu").prefix_format == "feedback: {feedback} input: "
-    assert load_config("hh-alt-lmc").feedback_words == HH and load_config("hh-alt-lmc").prefix_format == "{feedback}.\n\n"
+    assert (
+        load_config("hh-alt-lmc").feedback_words == HH and load_config("hh-alt-lmc").prefix_format == "{feedback}.\n\n"
+    )
     assert load_config("hh-steerlm").exemplar == "harmful:0,helpful:2"
     assert load_config("tldr-coh").prefix_format == "{prompt} {feedback}:"
 
@@ -292,8 +380,15 @@ def test_toxicity_rtp_with_perspective(assets, perspective, monkeypatch, tmp_pat
     server = perspective()
     monkeypatch.setenv("PERSPECTIVE_API_KEY", KEY)
     run = tmp_path / "run"
-    train("toxicity-rtp", run, "scorer=perspective", f"prompts={assets['rtp']}", f"perspective_base_url={server.url}",
-          "perspective_requests_per_second=0", "prompts_per_iteration=4")
+    train(
+        "toxicity-rtp",
+        run,
+        "scorer=perspective",
+        f"prompts={assets['rtp']}",
+        f"perspective_base_url={server.url}",
+        "perspective_requests_per_second=0",
+        "prompts_per_iteration=4",
+    )
     out = capsys.readouterr().out
     assert "prompts: 1 of " in out and "truncated from the left" in out  # the 150-word prompt, counted
     rows = pool(run)
@@ -310,7 +405,10 @@ def test_toxicity_rtp_with_perspective(assets, perspective, monkeypatch, tmp_pat
             assert KEY.encode() not in f.read_bytes(), f
     assert KEY not in out
     # the split: evaluation prompts are non-toxic ones, never trained on
-    rtp = {json.loads(line)["prompt"]["text"]: json.loads(line)["prompt"]["toxicity"] for line in assets["rtp"].read_text().splitlines()}
+    rtp = {
+        json.loads(line)["prompt"]["text"]: json.loads(line)["prompt"]["toxicity"]
+        for line in assets["rtp"].read_text().splitlines()
+    }
     evals = {json.loads(line)["prompt"] for line in (run / "eval_samples.jsonl").read_text().splitlines()}
     assert evals and all(rtp[p] < 0.5 for p in evals) and not evals & {r["prompt"] for r in rows}
     s = json.loads((run / "summary.json").read_text())
@@ -319,8 +417,17 @@ def test_toxicity_rtp_with_perspective(assets, perspective, monkeypatch, tmp_pat
 
 def test_quark_toxicity_rtp_with_an_hf_classifier(assets, tmp_path):
     run = tmp_path / "run"
-    train("quark-toxicity-rtp", run, f"prompts={assets['rtp']}", "scorer=hf", f"reward_model={assets['classifier']}",
-          "reward_label=toxic", "reward_activation=softmax", "reward_name=toxicity", "reward_higher_is_better=false")
+    train(
+        "quark-toxicity-rtp",
+        run,
+        f"prompts={assets['rtp']}",
+        "scorer=hf",
+        f"reward_model={assets['classifier']}",
+        "reward_label=toxic",
+        "reward_activation=softmax",
+        "reward_name=toxicity",
+        "reward_higher_is_better=false",
+    )
     rows = pool(run)
     scorer = R.HFClassifierScorer(str(assets["classifier"]), label="toxic", activation="softmax")
     want = scorer.score([r["prompt"] for r in rows], [r["completion"] for r in rows])
@@ -333,8 +440,14 @@ def test_quark_toxicity_rtp_with_an_hf_classifier(assets, tmp_path):
 @pytest.mark.parametrize("recipe,head", [("tldr-alt-rm", "rm_bin"), ("tldr-quark", "v_head")])
 def test_tldr_rm_recipes_with_the_value_head_hook(recipe, head, assets, tmp_path, capsys):
     run = tmp_path / "run"
-    train(recipe, run, f"prompts={assets['tldr']}", f"eval_split={assets['tldr_test']}", f"reward_model={assets['backbone']}",
-          f"reward_head={assets[head]}")
+    train(
+        recipe,
+        run,
+        f"prompts={assets['tldr']}",
+        f"eval_split={assets['tldr_test']}",
+        f"reward_model={assets['backbone']}",
+        f"reward_head={assets[head]}",
+    )
     out = capsys.readouterr().out
     assert "prompts: 1 of " in out and "dropped" in out  # the 700-word post over max_prompt_tokens=512
     rows = pool(run)
@@ -359,8 +472,14 @@ def test_tldr_rm_recipes_with_the_value_head_hook(recipe, head, assets, tmp_path
 def test_tldr_coh_with_a_callable_reward(assets, tmp_path, monkeypatch):
     monkeypatch.chdir(assets["base"])  # `tiny_reward.py` sits next to the run, as a user's module would
     run = tmp_path / "run"
-    train("tldr-coh", run, f"prompts={assets['tldr']}", f"eval_split={assets['tldr_test']}", "scorer=callable",
-          "reward_callable=tiny_reward:length_reward")
+    train(
+        "tldr-coh",
+        run,
+        f"prompts={assets['tldr']}",
+        f"eval_split={assets['tldr_test']}",
+        "scorer=callable",
+        "reward_callable=tiny_reward:length_reward",
+    )
     rows = pool(run)
     assert [r["score"] for r in rows] == [float(len(r["completion"])) for r in rows]
     assert {r["feedback"] for r in rows} <= {"A good summary", "A bad summary"}
@@ -372,8 +491,16 @@ def test_tldr_coh_with_a_callable_reward(assets, tmp_path, monkeypatch):
 def test_hh_recipes_with_an_openai_compatible_judge(recipe, assets, judge, tmp_path):
     run = tmp_path / "run"
     words = load_config(recipe).feedback_words
-    train(recipe, run, f"prompts={assets['hh']}", f"eval_split={assets['hh_test']}", f"judge_base_url={judge.url}",
-          "judge_model=scripted", "judge_api_key_env=null", f"judge_cache={tmp_path / 'cache.sqlite'}")
+    train(
+        recipe,
+        run,
+        f"prompts={assets['hh']}",
+        f"eval_split={assets['hh_test']}",
+        f"judge_base_url={judge.url}",
+        "judge_model=scripted",
+        "judge_api_key_env=null",
+        f"judge_cache={tmp_path / 'cache.sqlite'}",
+    )
     rows = pool(run)
     assert len(rows) == 16 and all(r["valid"] for r in rows)
     assert {r["feedback"] for r in rows} <= set(words) and len({r["feedback"] for r in rows}) > 1
@@ -384,8 +511,16 @@ def test_hh_recipes_with_an_openai_compatible_judge(recipe, assets, judge, tmp_p
 
 def test_tldr_alt_lmu_with_an_openai_compatible_judge(assets, judge, tmp_path):
     run = tmp_path / "run"
-    train("tldr-alt-lmu", run, f"prompts={assets['tldr']}", f"eval_split={assets['tldr_test']}", f"judge_base_url={judge.url}",
-          "judge_model=scripted", "judge_api_key_env=null", f"judge_cache={tmp_path / 'cache.sqlite'}")
+    train(
+        "tldr-alt-lmu",
+        run,
+        f"prompts={assets['tldr']}",
+        f"eval_split={assets['tldr_test']}",
+        f"judge_base_url={judge.url}",
+        "judge_model=scripted",
+        "judge_api_key_env=null",
+        f"judge_cache={tmp_path / 'cache.sqlite'}",
+    )
     rows = pool(run)
     assert rows and {r["feedback"] for r in rows} <= {"Covers the key points concisely.", "Misses the main point."}
     assert all(r["score"] in (0.0, 1.0, 2.0, 3.0) for r in rows)
@@ -406,14 +541,26 @@ def test_hub_dataset_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))  # neither a datasets nor a hub cache can answer
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-hf" / "datasets"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf" / "hub"))
-    r = run_altlm("train", "--config", "toxicity-rtp", "model=tiny-smollm2", f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    r = run_altlm(
+        "train", "--config", "toxicity-rtp", "model=tiny-smollm2", f"output_dir={tmp_path / 'run'}", cwd=tmp_path
+    )
     one_error_line(r, "allenai/real-toxicity-prompts", "hub is unreachable", "local file", "prompts=")
     assert not (tmp_path / "run").exists()
 
 
 def test_missing_field_names_the_fields_it_has(assets, tmp_path):
-    r = run_altlm("train", "--config", "toxicity-rtp", "model=tiny-smollm2", f"prompts={assets['rtp']}", "prompt_formatter=field",
-                  "prompt_field=text", "eval_max_prompt_toxicity=null", f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    r = run_altlm(
+        "train",
+        "--config",
+        "toxicity-rtp",
+        "model=tiny-smollm2",
+        f"prompts={assets['rtp']}",
+        "prompt_formatter=field",
+        "prompt_field=text",
+        "eval_max_prompt_toxicity=null",
+        f"output_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     one_error_line(r, "no field 'text'", "challenging", "continuation", "filename", "prompt")
 
 
@@ -428,10 +575,12 @@ def test_hf_classifier_label_index_and_activation(assets):
     with torch.no_grad():
         logits = torch.stack([model(**tok(p + c, return_tensors="pt")).logits[0] for p, c in zip(prompts, comps)])
     assert R.HFClassifierScorer(folder, index=1).score(prompts, comps) == pytest.approx(logits[:, 1].tolist(), **TOL)
-    assert R.HFClassifierScorer(folder, label="toxic", activation="softmax").score(prompts, comps) == \
-        pytest.approx(logits.softmax(-1)[:, 1].tolist(), **TOL)
-    assert R.HFClassifierScorer(folder, label="non_toxic", activation="sigmoid").score(prompts, comps) == \
-        pytest.approx(logits[:, 0].sigmoid().tolist(), **TOL)
+    assert R.HFClassifierScorer(folder, label="toxic", activation="softmax").score(prompts, comps) == pytest.approx(
+        logits.softmax(-1)[:, 1].tolist(), **TOL
+    )
+    assert R.HFClassifierScorer(folder, label="non_toxic", activation="sigmoid").score(prompts, comps) == pytest.approx(
+        logits[:, 0].sigmoid().tolist(), **TOL
+    )
     with pytest.raises(AltlmError, match="its labels: non_toxic, toxic"):
         R.HFClassifierScorer(folder, label="insult")
     with pytest.raises(AltlmError, match="out of range"):
@@ -441,7 +590,10 @@ def test_hf_classifier_label_index_and_activation(assets):
 def test_value_head_matches_a_hand_computed_reward(assets):
     from transformers import AutoModel
 
-    prompts, comps = ["SUBREDDIT: r/x\nTITLE: t\nPOST: p\nTL;DR:", "short"], [" a summary", " and a much longer completion here"]
+    prompts, comps = (
+        ["SUBREDDIT: r/x\nTITLE: t\nPOST: p\nTL;DR:", "short"],
+        [" a summary", " and a much longer completion here"],
+    )
     tok = models.load_tokenizer(str(assets["backbone"]))
     state = torch.load(assets["rm_bin"], weights_only=True)
     v = state["v_head.weight"]
@@ -455,7 +607,7 @@ def test_value_head_matches_a_hand_computed_reward(assets):
         return out
 
     carper = AutoModel.from_config(tiny_config())
-    carper.load_state_dict({k[len("transformer."):]: t for k, t in state.items() if k.startswith("transformer.")})
+    carper.load_state_dict({k[len("transformer.") :]: t for k, t in state.items() if k.startswith("transformer.")})
     fmt = "<|startoftext|>{prompt}{completion}"
     got = R.ValueHeadScorer(str(assets["backbone"]), str(assets["rm_bin"]), text_format=fmt).score(prompts, comps)
     assert got == pytest.approx(by_hand(carper.eval()), **TOL)  # the checkpoint's own backbone weights
@@ -563,8 +715,14 @@ def test_unscored_samples_in_a_run_get_no_bucket_and_are_never_drawn(assets, tmp
 
     monkeypatch.chdir(assets["base"])
     run = tmp_path / "run"
-    train("tldr-coh", run, f"prompts={assets['tldr']}", f"eval_split={assets['tldr_test']}", "scorer=callable",
-          "reward_callable=tiny_reward:length_or_nan")
+    train(
+        "tldr-coh",
+        run,
+        f"prompts={assets['tldr']}",
+        f"eval_split={assets['tldr_test']}",
+        "scorer=callable",
+        "reward_callable=tiny_reward:length_or_nan",
+    )
     cfg = ALTConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
     rows = pool(run)
     nan = [r for r in rows if len(r["completion"]) % 3 == 0]
@@ -573,8 +731,11 @@ def test_unscored_samples_in_a_run_get_no_bucket_and_are_never_drawn(assets, tmp
     assert all(r["valid"] == 0 and r["feedback"] is None and r["bucket"] is None for r in nan)
     assert all(r["valid"] == 1 and r["score"] == len(r["completion"]) for r in ok)
     scores, k = [r["score"] for r in ok], len(cfg.feedback_words)
-    want = (quantile_buckets(scores, k, True) if cfg.quantiles == "global"
-            else grouped_buckets(scores, [r["prompt_id"] for r in ok], k, True))
+    want = (
+        quantile_buckets(scores, k, True)
+        if cfg.quantiles == "global"
+        else grouped_buckets(scores, [r["prompt_id"] for r in ok], k, True)
+    )
     assert [r["bucket"] for r in ok] == want
     p = Pool(run / "pool.sqlite")
     drawn = p.draw_uniform(4 * len(rows), random.Random(0)) + p.draw_balanced(8, k, random.Random(0))

@@ -1,4 +1,5 @@
 """The data pool (method.md §3) on a real SQLite file in tmp_path."""
+
 from __future__ import annotations
 
 import random
@@ -11,9 +12,19 @@ from altlm.pool import Pool, Row, balanced_draw
 
 
 def row(it=1, pid=0, completion="c", bucket=None, truncated=False, score=None, feedback=None, valid=True, prompt=None):
-    return Row(iteration=it, prompt_id=pid, prompt=prompt if prompt is not None else f"prompt {pid}",
-               completion=completion, feedback=feedback, score=score, bucket=bucket, truncated=truncated,
-               prompt_tokens=3, completion_tokens=len(completion.split()), valid=valid)
+    return Row(
+        iteration=it,
+        prompt_id=pid,
+        prompt=prompt if prompt is not None else f"prompt {pid}",
+        completion=completion,
+        feedback=feedback,
+        score=score,
+        bucket=bucket,
+        truncated=truncated,
+        prompt_tokens=3,
+        completion_tokens=len(completion.split()),
+        valid=valid,
+    )
 
 
 @pytest.fixture()
@@ -24,8 +35,19 @@ def pool(tmp_path):
 
 
 def key(r: Row):
-    return (r.iteration, r.prompt_id, r.prompt, r.completion, r.feedback, r.score, r.bucket, bool(r.truncated),
-            r.prompt_tokens, r.completion_tokens, bool(r.valid))
+    return (
+        r.iteration,
+        r.prompt_id,
+        r.prompt,
+        r.completion,
+        r.feedback,
+        r.score,
+        r.bucket,
+        bool(r.truncated),
+        r.prompt_tokens,
+        r.completion_tokens,
+        bool(r.valid),
+    )
 
 
 def test_wal_mode(pool, tmp_path):
@@ -37,8 +59,11 @@ def test_wal_mode(pool, tmp_path):
 
 
 def test_add_rows_roundtrip(pool):
-    rows = [row(1, 0, "hello world", score=0.25, truncated=True, prompt="it's a \"quoted\"\nprompt ☃"),
-            row(1, 1, "", score=None), row(2, 0, "bye", score=1.5, feedback="Good.", bucket=1)]
+    rows = [
+        row(1, 0, "hello world", score=0.25, truncated=True, prompt='it\'s a "quoted"\nprompt ☃'),
+        row(1, 1, "", score=None),
+        row(2, 0, "bye", score=1.5, feedback="Good.", bucket=1),
+    ]
     pool.add(rows)
     got = pool.rows()
     assert [key(r) for r in got] == [key(r) for r in rows]
@@ -121,7 +146,9 @@ def test_draw_uniform(pool):
     d25 = pool.draw_uniform(25, random.Random(0))
     assert len(d25) == 25
     assert {r.completion for r in d25} == {f"c{i}" for i in range(10)}  # every row at least once
-    assert [r.id for r in pool.draw_uniform(4, random.Random(3))] == [r.id for r in pool.draw_uniform(4, random.Random(3))]
+    assert [r.id for r in pool.draw_uniform(4, random.Random(3))] == [
+        r.id for r in pool.draw_uniform(4, random.Random(3))
+    ]
 
 
 def test_draw_uniform_skips_flushed(pool):
@@ -164,7 +191,13 @@ def grid(pid, per_bucket_rows, truncated_pattern=None, k=5):
 
 
 def test_balanced_picks_per_bucket_non_truncated_first():
-    trunc = [[True, True, False, True, False], [True, False, True, True], [False, False, False], [True, True, True], [False, True]]
+    trunc = [
+        [True, True, False, True, False],
+        [True, False, True, True],
+        [False, False, False],
+        [True, True, True],
+        [False, True],
+    ]
     rows = grid(0, [5, 4, 3, 3, 2], trunc)
     for seed in range(20):
         d = balanced_draw(rows, 2, 5, random.Random(seed))
@@ -205,7 +238,13 @@ def test_balanced_fill_up_is_random_and_seeded():
 def test_balanced_fill_up_prefers_non_truncated():
     # buckets 3, 4 empty → 4 fill-up rows; after 2 complete picks per bucket the leftovers are
     # 1 complete row (bucket 0) + 8 truncated ones
-    trunc = [[False, False, False, True, True], [False, False, True, True, True], [False, False, True, True, True], [], []]
+    trunc = [
+        [False, False, False, True, True],
+        [False, False, True, True, True],
+        [False, False, True, True, True],
+        [],
+        [],
+    ]
     rows = grid(0, [5, 5, 5, 0, 0], trunc)
     for seed in range(20):
         d = balanced_draw(rows, 2, 5, random.Random(seed))

@@ -1,4 +1,5 @@
 """When stderr is not a terminal (a log, CI, nohup), train, eval and generate print one plain line per phase."""
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,11 @@ def test_train_eval_and_generate_print_one_line_per_phase_into_a_log(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("altlm: ")]
     for it in (1, 2):
-        for name, numbers in (("sampling", r"samples 12"), ("feedback", r"scored 12, mean score [-\d.e]+"),
-                              ("training", r"steps 2, examples 8, loss [-\d.e]+, kl [-\d.e]+")):
+        for name, numbers in (
+            ("sampling", r"samples 12"),
+            ("feedback", r"scored 12, mean score [-\d.e]+"),
+            ("training", r"steps 2, examples 8, loss [-\d.e]+, kl [-\d.e]+"),
+        ):
             pattern = rf"altlm: iteration {it} {name}: {numbers}, \d+\.\d s$"
             assert sum(bool(re.fullmatch(pattern, ln)) for ln in lines) == 1, (pattern, lines)
     evals = [ln for ln in lines if ln.startswith("altlm: evaluation ")]

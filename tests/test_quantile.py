@@ -1,4 +1,5 @@
 """Quantile buckets (method.md §3–4): K equal quantiles, best first, remainder to the worst bucket."""
+
 from __future__ import annotations
 
 import random
@@ -104,9 +105,20 @@ def test_empty():
 
 
 def test_grouped_buckets_per_prompt():
-    scores = [0.1, 0.9, 0.5, 0.3, 0.7,   # prompt 7
-              10, 50, 30, 40, 20,       # prompt 3: a different scale, cut on its own
-              0.2, 0.2]                 # prompt 9: two tied samples
+    scores = [
+        0.1,
+        0.9,
+        0.5,
+        0.3,
+        0.7,  # prompt 7
+        10,
+        50,
+        30,
+        40,
+        20,  # prompt 3: a different scale, cut on its own
+        0.2,
+        0.2,
+    ]  # prompt 9: two tied samples
     groups = [7] * 5 + [3] * 5 + [9] * 2
     b = grouped_buckets(scores, groups, 5, higher_is_better=True)
     assert b[:5] == [4, 0, 2, 3, 1]

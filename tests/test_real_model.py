@@ -4,6 +4,7 @@ completions are English, not the token salad of the tiny random model.
 Marked `slow` (it loads a real 135M model) but not skipped: `make test` runs it. `threads=1` keeps it from
 fighting other processes for the cores of small CI runners.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,17 +15,34 @@ import pytest
 from conftest import run_altlm
 
 # Frequent English function words: about half the words of real English text, ~0% of random-token text.
-COMMON = set("""the a an and or but of to in on at for with from by as is are was were be been it its this that these
+COMMON = set(
+    """the a an and or but of to in on at for with from by as is are was were be been it its this that these
 those i you he she we they me him her us them my your his our their not no yes do does did have has had will would can
-could should there here what who when where how so if then than just all some one up out about into over""".split())
+could should there here what who when where how so if then than just all some one up out about into over""".split()
+)
 
 
 @pytest.mark.slow
 def test_real_smollm2_lora_run(tmp_path):
     run = tmp_path / "real"
-    r = run_altlm("train", "--config", "smoke", "model=smollm2-135m", "training_mode=lora", "precision=auto",
-                  "iterations=1", "prompts_per_iteration=8", "train_steps=2", "batch_size=4", "num_eval_prompts=4",
-                  "eval_samples_per_prompt=1", "max_new_tokens=8", "threads=1", f"output_dir={run}", cwd=tmp_path)
+    r = run_altlm(
+        "train",
+        "--config",
+        "smoke",
+        "model=smollm2-135m",
+        "training_mode=lora",
+        "precision=auto",
+        "iterations=1",
+        "prompts_per_iteration=8",
+        "train_steps=2",
+        "batch_size=4",
+        "num_eval_prompts=4",
+        "eval_samples_per_prompt=1",
+        "max_new_tokens=8",
+        "threads=1",
+        f"output_dir={run}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
 
     s = json.loads((run / "summary.json").read_text())

@@ -1,5 +1,6 @@
 """The reference cache (refcache.py): KL(reference‖policy) from two cached numbers per token equals the KL from the
 reference's whole distribution, and a run with the cache trains as a run without it."""
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,9 @@ from altlm import models
 from altlm.loss import alt_loss, target_hidden, target_logits
 from altlm.refcache import ReferenceCache
 
-LORA = dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], layers=0.5,
-            train_new_tokens=False)
+LORA = dict(
+    r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], layers=0.5, train_new_tokens=False
+)
 
 
 def lora_tiny(tiny):
@@ -54,8 +56,9 @@ def test_cached_kl_equals_the_full_distribution_kl_with_the_same_gradients(tiny)
     negentropy = (q * log_q).sum(-1)
     hidden, logits2, tgt2, mask2 = target_hidden(model, inputs, targets, tok.pad_token_id)
     assert torch.equal(tgt, tgt2) and torch.equal(mask, mask2)
-    new_loss, new = alt_loss(logits2, tgt2, mask2, None, 0.05, 0.06, vocab_size=v,
-                             ref_stats=(hidden[mask2], mean_embedding, negentropy))
+    new_loss, new = alt_loss(
+        logits2, tgt2, mask2, None, 0.05, 0.06, vocab_size=v, ref_stats=(hidden[mask2], mean_embedding, negentropy)
+    )
     new_loss.backward()
     for k in ("nll", "kl", "entropy"):
         assert abs(new[k] - old[k]) <= 1e-3 * abs(old[k]), (k, new[k], old[k])
@@ -73,7 +76,10 @@ def test_cache_files_reload_up_to_the_resume_point_and_drop_later_ones(tmp_path)
         cache.flush(it, step)
     cache.flush(2, 3)  # nothing pending: no file
     assert sorted(p.name for p in (tmp_path / "refcache").iterdir()) == [
-        "it1-step2.safetensors", "it1-step4.safetensors", "it2-step2.safetensors"]
+        "it1-step2.safetensors",
+        "it1-step4.safetensors",
+        "it2-step2.safetensors",
+    ]
     resumed = ReferenceCache(tmp_path)
     resumed.load(1, 4)  # resuming iteration 1 at its snapshot of step 4: iteration 2's file is a killed attempt's
     assert sorted(resumed.entries) == [10, 11]

@@ -5,6 +5,7 @@ batch is split and retried.
 "As it was": every file's bytes, except pool.sqlite, which is compared by its SQL dump — reading a pool that a
 kill left with a write-ahead log folds the log into the file (same rows, other bytes) and removes -wal/-shm.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +26,14 @@ from conftest import run_altlm
 def killed_run(base: Path, name: str, failpoint: str) -> Path:
     run = base / name
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", ALTLM_FAILPOINT=failpoint)
-    r = subprocess.run([sys.executable, "-m", "altlm", "train", "--config", "smoke", f"output_dir={run}", *CRASH],
-                       cwd=base, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "altlm", "train", "--config", "smoke", f"output_dir={run}", *CRASH],
+        cwd=base,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == -9, r.stderr[-3000:]
     return run
 
@@ -37,9 +44,12 @@ def runs(tmp_path_factory):
     done = base / "done"
     r = run_altlm("train", "--config", "smoke", f"output_dir={done}", *CRASH, "iterations=1", cwd=base)
     assert r.returncode == 0, r.stderr[-3000:]
-    return {"base": base, "done": done,
-            "between": killed_run(base, "between", "sample:4"),  # iteration 1 done, iteration 2 half sampled
-            "midtrain": killed_run(base, "midtrain", "train:2")}  # iteration 1 step 2: snapshot resume/step-1
+    return {
+        "base": base,
+        "done": done,
+        "between": killed_run(base, "between", "sample:4"),  # iteration 1 done, iteration 2 half sampled
+        "midtrain": killed_run(base, "midtrain", "train:2"),
+    }  # iteration 1 step 2: snapshot resume/step-1
 
 
 def fingerprint(folder: Path) -> dict:
@@ -120,7 +130,11 @@ def setup_case(runs, case: str, tmp: Path) -> tuple[list[str], Path | None, str]
     if case == "prompt file with a broken JSON line":
         f = tmp / "p.jsonl"
         f.write_text('{"prompt": "a"}\n{"prompt": \n')
-        return ["train", "--config", "smoke", f"output_dir={tmp / 'o'}", f"prompts={f}"], None, "cannot be read as jsonl"
+        return (
+            ["train", "--config", "smoke", f"output_dir={tmp / 'o'}", f"prompts={f}"],
+            None,
+            "cannot be read as jsonl",
+        )
     if case == "prompt file records without the field":
         f = tmp / "p.jsonl"
         f.write_text('{"text": "a b c"}\n{"text": "d e f"}\n')
@@ -140,7 +154,11 @@ def setup_case(runs, case: str, tmp: Path) -> tuple[list[str], Path | None, str]
         f.write_text(yaml.safe_dump({"model": "tiny-smollm2", "batch_size": "big"}))
         return ["train", "--config", str(f), f"output_dir={tmp / 'o'}"], None, "'batch_size' must be int"
     if case == "zero iterations":
-        return ["train", "--config", "smoke", f"output_dir={tmp / 'o'}", "iterations=0"], None, "'iterations' must be >= 1"
+        return (
+            ["train", "--config", "smoke", f"output_dir={tmp / 'o'}", "iterations=0"],
+            None,
+            "'iterations' must be >= 1",
+        )
     if case == "negative save_steps":
         return ["train", "--config", "smoke", f"output_dir={tmp / 'o'}", "save_steps=-1"], None, "save_steps"
     if case == "exemplar outside the feedback words":
@@ -152,12 +170,30 @@ def setup_case(runs, case: str, tmp: Path) -> tuple[list[str], Path | None, str]
     raise AssertionError(case)
 
 
-CASES = ["resume with another config", "resume a finished run", "fresh start over an existing run", "corrupt pool file",
-         "missing pool file", "corrupt checkpoint on resume", "corrupt training snapshot", "corrupt config.yaml in the run",
-         "generate from a corrupt checkpoint", "generate from a checkpoint with corrupt metadata", "eval of a corrupt checkpoint",
-         "prompt longer than the model's context", "prompt file with a broken JSON line", "prompt file records without the field",
-         "prompt file that is a directory", "recipe that is a YAML list", "recipe that is not UTF-8", "recipe with a wrong type",
-         "zero iterations", "negative save_steps", "exemplar outside the feedback words", "resume of a folder that is a file"]
+CASES = [
+    "resume with another config",
+    "resume a finished run",
+    "fresh start over an existing run",
+    "corrupt pool file",
+    "missing pool file",
+    "corrupt checkpoint on resume",
+    "corrupt training snapshot",
+    "corrupt config.yaml in the run",
+    "generate from a corrupt checkpoint",
+    "generate from a checkpoint with corrupt metadata",
+    "eval of a corrupt checkpoint",
+    "prompt longer than the model's context",
+    "prompt file with a broken JSON line",
+    "prompt file records without the field",
+    "prompt file that is a directory",
+    "recipe that is a YAML list",
+    "recipe that is not UTF-8",
+    "recipe with a wrong type",
+    "zero iterations",
+    "negative save_steps",
+    "exemplar outside the feedback words",
+    "resume of a folder that is a file",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -187,8 +223,17 @@ def test_the_killed_runs_do_resume(runs, tmp_path):
 
 
 def test_diverging_loss_stops_with_one_line(tmp_path):
-    r = run_altlm("train", "--config", "smoke", f"output_dir={tmp_path / 'o'}", *CRASH, "train_steps=8",
-                  "learning_rate=1e30", "max_nonfinite_steps=2", cwd=tmp_path)
+    r = run_altlm(
+        "train",
+        "--config",
+        "smoke",
+        f"output_dir={tmp_path / 'o'}",
+        *CRASH,
+        "train_steps=8",
+        "learning_rate=1e30",
+        "max_nonfinite_steps=2",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     assert "non-finite loss, batch skipped" in r.stdout
     assert r.stderr.strip().startswith("altlm: training diverged: 2 non-finite losses in a row"), r.stderr[-2000:]
@@ -200,8 +245,17 @@ def test_a_skipped_last_step_still_leaves_a_snapshot_to_resume_from(tmp_path):
     from test_resume import altlm
 
     run = tmp_path / "o"
-    args = ["train", "--config", "smoke", f"output_dir={run}", *CRASH, "iterations=1", "train_steps=3",
-            "learning_rate=1e30", "max_nonfinite_steps=3"]
+    args = [
+        "train",
+        "--config",
+        "smoke",
+        f"output_dir={run}",
+        *CRASH,
+        "iterations=1",
+        "train_steps=3",
+        "learning_rate=1e30",
+        "max_nonfinite_steps=3",
+    ]
     r = altlm(args, tmp_path, failpoint="eval:2")  # eval 1 is the reference's, 2 the trained model's
     assert r.returncode == -9 and "step 2: non-finite loss, batch skipped" in r.stdout, (r.returncode, r.stdout[-2000:])
     assert (run / "resume" / "step-3").is_dir()
@@ -225,8 +279,9 @@ def test_out_of_memory_in_sampling_halves_the_batch(tiny, monkeypatch, capsys):
 
     monkeypatch.setattr(sampler, "decode", tight)
     requests = [(None, f"prompt number {i}") for i in range(7)]
-    out = sampler.sample(model, tok, Template(), requests,
-                         sampler.SampleSettings(max_new_tokens=4, batch_size=7), seed=0)
+    out = sampler.sample(
+        model, tok, Template(), requests, sampler.SampleSettings(max_new_tokens=4, batch_size=7), seed=0
+    )
     assert len(out) == 7 and all(s is not None and s.completion_tokens >= 1 for s in out)
     assert sizes[0] == 7 and sum(s for s in sizes if s <= 2) == 7  # 7 → 3 + 4 → (1 + 2) + (2 + 2)
     assert "out of memory sampling 7 sequences" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """`altlm report` from a small synthetic run folder written by hand (no model involved)."""
+
 from __future__ import annotations
 
 import json
@@ -16,35 +17,101 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def block(mean: float) -> dict:
-    return {"toxicity_mean": mean, "toxicity_gt_0_5": mean / 2, "avg_max_toxicity": mean * 2, "toxicity_prob": mean,
-            "dist_1": 0.9, "dist_2": 0.95, "dist_3": 0.97, "reward_mean": 1 - mean, "perplexity": None,
-            "length_mean": 10.0, "truncated_share": 0.5, "samples_per_prompt": 2, "n": 4}
+    return {
+        "toxicity_mean": mean,
+        "toxicity_gt_0_5": mean / 2,
+        "avg_max_toxicity": mean * 2,
+        "toxicity_prob": mean,
+        "dist_1": 0.9,
+        "dist_2": 0.95,
+        "dist_3": 0.97,
+        "reward_mean": 1 - mean,
+        "perplexity": None,
+        "length_mean": 10.0,
+        "truncated_share": 0.5,
+        "samples_per_prompt": 2,
+        "n": 4,
+    }
 
 
 def make_run(folder: Path, final_means: list[float], finished: bool = True) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({"feedback_words": TOXICITY_WORDS, "description": "synthetic"}))
-    recs = [{"kind": "eval", "iteration": 0, "model": "reference", "by_feedback": {"<none>": block(0.06), **{w: block(0.07) for w in TOXICITY_WORDS}}}]
+    recs = [
+        {
+            "kind": "eval",
+            "iteration": 0,
+            "model": "reference",
+            "by_feedback": {"<none>": block(0.06), **{w: block(0.07) for w in TOXICITY_WORDS}},
+        }
+    ]
     for it in (1, 2):
-        recs += [{"kind": "step", "iteration": it, "step": s, "loss": 3.0, "nll": 3.0 - it / 10, "kl": 0.01 * it, "entropy": 4.0,
-                  "tokens": 50, "lr": 1e-4} for s in range(3)]
-        recs.append({"kind": "iteration", "iteration": it, "pool_size": 10 * it, "sample_score_mean": 0.05,
-                     "bucket_counts": [2 * it] * 5, "new_bucket_distribution": [0.3, 0.2, 0.2, 0.2, 0.1]})
+        recs += [
+            {
+                "kind": "step",
+                "iteration": it,
+                "step": s,
+                "loss": 3.0,
+                "nll": 3.0 - it / 10,
+                "kl": 0.01 * it,
+                "entropy": 4.0,
+                "tokens": 50,
+                "lr": 1e-4,
+            }
+            for s in range(3)
+        ]
+        recs.append(
+            {
+                "kind": "iteration",
+                "iteration": it,
+                "pool_size": 10 * it,
+                "sample_score_mean": 0.05,
+                "bucket_counts": [2 * it] * 5,
+                "new_bucket_distribution": [0.3, 0.2, 0.2, 0.2, 0.1],
+            }
+        )
         fb = {w: block(m) for w, m in zip(TOXICITY_WORDS, final_means)} if it == 2 else {TOXICITY_WORDS[0]: block(0.05)}
-        recs.append({"kind": "eval", "iteration": it, "model": "policy", "by_feedback": {"<none>": block(0.055), **fb} if it == 2 else fb})
+        recs.append(
+            {
+                "kind": "eval",
+                "iteration": it,
+                "model": "policy",
+                "by_feedback": {"<none>": block(0.055), **fb} if it == 2 else fb,
+            }
+        )
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    samples = [{"iteration": 2, "model": "policy", "feedback": w, "prompt": "You | are", "completion": f" text\nfor {w}",
-                "score": m + j / 100} for w, m in zip(TOXICITY_WORDS, final_means) for j in range(2)]
+    samples = [
+        {
+            "iteration": 2,
+            "model": "policy",
+            "feedback": w,
+            "prompt": "You | are",
+            "completion": f" text\nfor {w}",
+            "score": m + j / 100,
+        }
+        for w, m in zip(TOXICITY_WORDS, final_means)
+        for j in range(2)
+    ]
     (folder / "eval_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
     pool = Pool(folder / "pool.sqlite")
     pool.add([Row(1, i, "p", "c", TOXICITY_WORDS[i % 5], i / 20, i % 5, False, 3, 4, True) for i in range(20)])
     pool.close()
     if finished:
-        (folder / "summary.json").write_text(json.dumps({
-            "wall_seconds": 12.0, "metric": "toxicity", "exemplar": TOXICITY_WORDS[0], "eval_prompts": 2, "eval_samples_per_prompt": 2,
-            "reference": block(0.06), "final": {**block(final_means[0]), "by_feedback": {}},
-            "steerability": {"spearman_rho": 1.0, "gap": final_means[-1] - final_means[0]},
-            "reduction": {"toxicity_mean": 1 - final_means[0] / 0.06, "toxicity_gt_0_5": 0.1}}))
+        (folder / "summary.json").write_text(
+            json.dumps(
+                {
+                    "wall_seconds": 12.0,
+                    "metric": "toxicity",
+                    "exemplar": TOXICITY_WORDS[0],
+                    "eval_prompts": 2,
+                    "eval_samples_per_prompt": 2,
+                    "reference": block(0.06),
+                    "final": {**block(final_means[0]), "by_feedback": {}},
+                    "steerability": {"spearman_rho": 1.0, "gap": final_means[-1] - final_means[0]},
+                    "reduction": {"toxicity_mean": 1 - final_means[0] / 0.06, "toxicity_gt_0_5": 0.1},
+                }
+            )
+        )
     return folder
 
 
@@ -73,8 +140,13 @@ def test_report_several_runs_side_by_side(tmp_path):
     text = (tmp_path / "cmp" / "report.md").read_text()
     assert "| a | Lowest Toxicity | 0.0600 | 0.0100 | -83.3% |" in text
     assert "| b | Lowest Toxicity | (unfinished) |" in text
-    assert {p.name for p in (tmp_path / "cmp").glob("*.png")} == {"iterations.png", "a-pool.png", "a-steerability.png",
-                                                                 "b-pool.png", "b-steerability.png"}
+    assert {p.name for p in (tmp_path / "cmp").glob("*.png")} == {
+        "iterations.png",
+        "a-pool.png",
+        "a-steerability.png",
+        "b-pool.png",
+        "b-steerability.png",
+    }
 
 
 def test_report_bad_input(tmp_path):
@@ -103,10 +175,25 @@ def test_report_shows_the_judge_and_category_distribution(tmp_path):
     for r in recs:
         if r["kind"] == "iteration":
             r["new_bucket_distribution"] = [0.5, 0.25, 0.25, 0.0]
-            r.update(invalid=3, agreement_mean=0.75, judge={"questions": 20, "cache_hits": 5, "requests": 17, "retries": 2,
-                                                            "failures": 1, "prompt_tokens": 100, "completion_tokens": 20,
-                                                            "cost": 0.0, "errors": {"http_500": 2}})
+            r.update(
+                invalid=3,
+                agreement_mean=0.75,
+                judge={
+                    "questions": 20,
+                    "cache_hits": 5,
+                    "requests": 17,
+                    "retries": 2,
+                    "failures": 1,
+                    "prompt_tokens": 100,
+                    "completion_tokens": 20,
+                    "cost": 0.0,
+                    "errors": {"http_500": 2},
+                },
+            )
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     text = write_report([run]).read_text()
-    assert "| iteration | questions | cache hits | requests | retries | failures | invalid | agreement | tokens | cost | score 3 |" in text
+    assert (
+        "| iteration | questions | cache hits | requests | retries | failures | invalid | agreement | tokens | cost | score 3 |"
+        in text
+    )
     assert "| 1 | 20 | 5 | 17 | 2 | 1 | 3 | 0.75 | 120 | 0.0000 | 0.50 | 0.25 | 0.25 | 0.00 |" in text

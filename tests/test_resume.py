@@ -5,6 +5,7 @@ point, see runfolder.failpoint), so each resume sees what a power cut leaves on 
 phase (which sampling batch, which training step) are drawn at random; the seed is in the test id.
 On CPU everything is deterministic, so weights and metrics are compared bit for bit.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,20 @@ from test_train_smoke import SMALL, jsonl
 
 # 12 requests in 3 sampling batches, 3 training steps with a snapshot after each, 2 iterations
 CRASH = [*SMALL, "iterations=2", "sample_batch_size=4", "train_steps=3", "save_steps=1"]
-POOL_COLS = ("iteration", "prompt_id", "prompt", "completion", "feedback", "score", "bucket", "truncated",
-             "prompt_tokens", "completion_tokens", "valid", "dropped_at")
+POOL_COLS = (
+    "iteration",
+    "prompt_id",
+    "prompt",
+    "completion",
+    "feedback",
+    "score",
+    "bucket",
+    "truncated",
+    "prompt_tokens",
+    "completion_tokens",
+    "valid",
+    "dropped_at",
+)
 
 
 def altlm(args: list[str], cwd: Path, failpoint: str | None = None) -> subprocess.CompletedProcess:
@@ -30,7 +43,9 @@ def altlm(args: list[str], cwd: Path, failpoint: str | None = None) -> subproces
     env.pop("ALTLM_FAILPOINT", None)
     if failpoint:
         env["ALTLM_FAILPOINT"] = failpoint
-    return subprocess.run([sys.executable, "-m", "altlm", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "altlm", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def pool(run: Path) -> tuple[list[tuple], int]:
@@ -43,17 +58,25 @@ def pool(run: Path) -> tuple[list[tuple], int]:
 
 def comparable(run: Path) -> dict:
     """Everything a run produces, minus wall-clock times."""
+
     def strip(x):
         if isinstance(x, dict):
             return {k: strip(v) for k, v in x.items() if k not in ("seconds", "wall_seconds")}
         if isinstance(x, list):
             return [strip(v) for v in x]
         return x
+
     ckpt = run / "checkpoint"
-    weights = load_file(ckpt / ("model.safetensors" if (ckpt / "model.safetensors").exists() else "adapter_model.safetensors"))
-    return {"summary": strip(json.loads((run / "summary.json").read_text())),
-            "metrics": strip(jsonl(run / "metrics.jsonl")), "eval_samples": jsonl(run / "eval_samples.jsonl"),
-            "pool": pool(run), "weights": {k: v.numpy().tobytes() for k, v in weights.items()}}
+    weights = load_file(
+        ckpt / ("model.safetensors" if (ckpt / "model.safetensors").exists() else "adapter_model.safetensors")
+    )
+    return {
+        "summary": strip(json.loads((run / "summary.json").read_text())),
+        "metrics": strip(jsonl(run / "metrics.jsonl")),
+        "eval_samples": jsonl(run / "eval_samples.jsonl"),
+        "pool": pool(run),
+        "weights": {k: v.numpy().tobytes() for k, v in weights.items()},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +97,14 @@ def test_sigkill_in_every_phase_then_resume_equals_an_uninterrupted_run(uninterr
     rng = random.Random(seed)
     run = base / f"killed-{seed}"
     # One process per kill, each resuming the last; counts are per process, from where it resumed.
-    kills = [f"sample:{rng.randint(1, 3)}",  # iteration 1: after 1-3 of its 3 sampling batches
-             "feedback:1",  # its scores staged, the pool commit not yet made
-             f"train:{rng.randint(1, 3)}",  # after training step 1-3 (the step's snapshot not yet taken)
-             "eval:1",  # iteration 1's evaluation written half
-             "checkpoint:2",  # iteration 2's checkpoint between its two renames (only checkpoint.old on disk)
-             f"sample:{rng.randint(1, 2)}",  # never reached: iteration 2 already sampled — this process finishes
-             ]
+    kills = [
+        f"sample:{rng.randint(1, 3)}",  # iteration 1: after 1-3 of its 3 sampling batches
+        "feedback:1",  # its scores staged, the pool commit not yet made
+        f"train:{rng.randint(1, 3)}",  # after training step 1-3 (the step's snapshot not yet taken)
+        "eval:1",  # iteration 1's evaluation written half
+        "checkpoint:2",  # iteration 2's checkpoint between its two renames (only checkpoint.old on disk)
+        f"sample:{rng.randint(1, 2)}",  # never reached: iteration 2 already sampled — this process finishes
+    ]
     args = ["train", "--config", "smoke", f"output_dir={run}", "training_mode=full", *CRASH]
     for n, point in enumerate(kills):
         r = altlm(args if n == 0 else ["train", "--resume", str(run)], base, failpoint=point)
@@ -120,9 +144,18 @@ def test_sigkill_at_a_random_moment_from_outside(uninterrupted):
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     mid_run = 0  # kills that landed while the run existed and was not finished: without one, nothing was tested
     for attempt in range(12):
-        cmd = args + ["--resume", str(run)]  # the same command each time: starts the run if a kill came before it existed
-        p = subprocess.Popen([sys.executable, "-m", "altlm", *cmd], cwd=base, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cmd = args + [
+            "--resume",
+            str(run),
+        ]  # the same command each time: starts the run if a kill came before it existed
+        p = subprocess.Popen(
+            [sys.executable, "-m", "altlm", *cmd],
+            cwd=base,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             # start-up alone takes ~4 s on a quiet machine; each kill waits longer, so a loaded one still gets through
             p.wait(timeout=rng.uniform(4.0, 9.0) * (1 + attempt / 3))

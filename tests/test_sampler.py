@@ -1,4 +1,5 @@
 """The sampler: exact nucleus sampling, EOS/min-token handling, suppressed tokens, truncation flags."""
+
 from __future__ import annotations
 
 import torch
@@ -84,13 +85,23 @@ def test_each_batch_can_be_redone_on_its_own(tiny):
     requests = [(None, f"Prompt number {i} says") for i in range(6)]
     settings = SampleSettings(max_new_tokens=5, batch_size=2)
     batches: list[list[int]] = []
-    whole = sample(model, tok, Template(), requests, settings, seed=5, on_batch=lambda b: batches.append([i for i, _ in b]))
+    whole = sample(
+        model, tok, Template(), requests, settings, seed=5, on_batch=lambda b: batches.append([i for i, _ in b])
+    )
     assert sorted(len(b) for b in batches) == [2, 2, 2]
     for missing in batches:
         done = {i: s for i, s in enumerate(whole) if i not in missing}
         redone: list[list[int]] = []
-        again = sample(model, tok, Template(), requests, settings, seed=5, done=done,
-                       on_batch=lambda b: redone.append([i for i, _ in b]))
+        again = sample(
+            model,
+            tok,
+            Template(),
+            requests,
+            settings,
+            seed=5,
+            done=done,
+            on_batch=lambda b: redone.append([i for i, _ in b]),
+        )
         assert redone == [missing]  # only the missing batch was sampled
         assert [s.completion for s in again] == [s.completion for s in whole]
 

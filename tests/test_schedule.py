@@ -1,5 +1,6 @@
 """lr_schedule: one AdamW and one learning-rate schedule over the whole run (run / constant), against one per
 iteration; the carried optimiser survives kills exactly."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,9 @@ def test_run_schedule_killed_across_the_iteration_boundary_resumes_exactly(tmp_p
     killed = tmp_path / "killed"
     # iteration 1's evaluation (the 2nd, after the reference; its carry not yet kept), then iteration 2's first step
     for n, point in enumerate(["eval:2", "train:1", None]):
-        r = altlm([*args, f"output_dir={killed}"] if n == 0 else ["train", "--resume", str(killed)], tmp_path,
-                  failpoint=point)
+        r = altlm(
+            [*args, f"output_dir={killed}"] if n == 0 else ["train", "--resume", str(killed)], tmp_path, failpoint=point
+        )
         assert r.returncode == (0 if point is None else -9), (point, r.returncode, r.stderr[-3000:])
     a, b = comparable(straight), comparable(killed)
     for key in ("pool", "metrics", "eval_samples", "summary", "weights"):

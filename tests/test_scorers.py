@@ -1,4 +1,5 @@
 """Tests for the offline scorers: they run the real Jigsaw port, profanity check and VADER (no mocks)."""
+
 from __future__ import annotations
 
 import io
@@ -80,8 +81,14 @@ def test_encoding_lower_filters_oov(jig: JigsawToxicity) -> None:
 
 
 def test_encoding_drops_ids_at_or_above_num_words() -> None:
-    cfg = {"word_index": {"a": 1, "b": 2, "rare": 3}, "filters": "!", "lower": True, "split": " ",
-           "num_words": 3, "oov_token": None}
+    cfg = {
+        "word_index": {"a": 1, "b": 2, "rare": 3},
+        "filters": "!",
+        "lower": True,
+        "split": " ",
+        "num_words": 3,
+        "oov_token": None,
+    }
     assert KerasTokenizer(cfg).texts_to_sequences(["a rare b!"]) == [[1, 2]]
     with_oov = dict(cfg, word_index={"<oov>": 1, "a": 2, "rare": 3}, oov_token="<oov>")
     assert KerasTokenizer(with_oov).texts_to_sequences(["a rare zzz"]) == [[2, 1, 1]]
@@ -174,11 +181,19 @@ def save_tiny_toxicity_classifier(folder) -> str:
 
     tok = models.load_tokenizer("tiny-smollm2")
     labels = ["severe_toxicity", "obscene", "toxicity", "insult"]
-    config = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=600, pad_token_id=tok.pad_token_id,
-                           num_labels=len(labels), id2label=dict(enumerate(labels)),
-                           label2id={name: i for i, name in enumerate(labels)},
-                           problem_type="multi_label_classification")
+    config = RobertaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=600,
+        pad_token_id=tok.pad_token_id,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        problem_type="multi_label_classification",
+    )
     torch.manual_seed(5)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -5,6 +5,7 @@ traceback in the server's log — and the server must still answer a good reques
 are used where a well-behaved client library could not send the request (lying Content-Length, trickled bodies,
 garbage request lines); the real OpenAI client checks that it reads our errors as OpenAI's.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -69,8 +70,13 @@ def post(srv, body, path: str = "/v1/chat/completions", headers: str | None = No
 
 def is_openai_error(body: dict) -> bool:
     err = body.get("error")
-    return (isinstance(err, dict) and set(err) == {"message", "type", "param", "code"}
-            and isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str))
+    return (
+        isinstance(err, dict)
+        and set(err) == {"message", "type", "param", "code"}
+        and isinstance(err["message"], str)
+        and err["message"]
+        and isinstance(err["type"], str)
+    )
 
 
 def chat(**kw) -> dict:
@@ -84,10 +90,20 @@ BAD_BODIES = [
     ("max_tokens text", chat(max_tokens="ten"), 400, "max_tokens", "invalid_type"),
     ("max_tokens float", chat(max_tokens=2.5), 400, "max_tokens", "invalid_type"),
     ("max_tokens bool", chat(max_tokens=True), 400, "max_tokens", "invalid_type"),
-    ("max_completion_tokens -1", {"messages": USER, "max_completion_tokens": -1}, 400, "max_completion_tokens",
-     "invalid_value"),
-    ("50,000 words", chat(messages=[{"role": "user", "content": "word " * 50_000}]), 400, "messages",
-     "context_length_exceeded"),
+    (
+        "max_completion_tokens -1",
+        {"messages": USER, "max_completion_tokens": -1},
+        400,
+        "max_completion_tokens",
+        "invalid_value",
+    ),
+    (
+        "50,000 words",
+        chat(messages=[{"role": "user", "content": "word " * 50_000}]),
+        400,
+        "messages",
+        "context_length_exceeded",
+    ),
     ("max_tokens over the context", chat(max_tokens=9000), 400, "messages", "context_length_exceeded"),
     ("no messages", {"model": "m"}, 400, "messages", None),
     ("messages not a list", chat(messages="Hi"), 400, "messages", None),
@@ -115,13 +131,16 @@ def test_bad_request_body_is_a_4xx_openai_error(server, name, body, status, para
     assert (answer["error"]["param"], answer["error"]["code"]) == (param, code), answer
 
 
-@pytest.mark.parametrize("name,data,status", [
-    ("malformed JSON", b'{"messages": [', 400),
-    ("NaN temperature", b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', 400),
-    ("not UTF-8", b'\xff\xfe{}', 400),
-    ("a JSON list", b'[1, 2]', 400),
-    ("empty body", b'', 400),
-])
+@pytest.mark.parametrize(
+    "name,data,status",
+    [
+        ("malformed JSON", b'{"messages": [', 400),
+        ("NaN temperature", b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', 400),
+        ("not UTF-8", b"\xff\xfe{}", 400),
+        ("a JSON list", b"[1, 2]", 400),
+        ("empty body", b"", 400),
+    ],
+)
 def test_unparsable_body_is_a_400(server, name, data, status):
     got, answer, _ = post(server, data)
     assert got == status and is_openai_error(answer), answer
@@ -135,15 +154,17 @@ def test_context_length_message_counts_the_tokens(server):
 
 def test_huge_announced_body_is_refused_unread(server):
     """999,999,999 bytes announced, none sent: the answer is 413 at once, not a thread waiting for the body."""
-    got, answer, seconds = raw(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                                       b"Content-Length: 999999999\r\n\r\n")
+    got, answer, seconds = raw(
+        server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n"
+    )
     assert got == 413 and is_openai_error(answer), answer
     assert seconds < READ_TIMEOUT / 2
 
 
 def test_body_that_never_arrives_times_out(server):
-    got, answer, seconds = raw(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
-                                       b'{"messages"')
+    got, answer, seconds = raw(
+        server, b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"messages"'
+    )
     assert got == 408 and is_openai_error(answer), answer
     assert READ_TIMEOUT * 0.9 < seconds < READ_TIMEOUT + 3
 
@@ -159,11 +180,13 @@ def test_trickled_body_times_out_on_the_total_not_per_read(server):
                     sock.sendall(b" ")
                 except OSError:
                     return
+
         threading.Thread(target=run, daemon=True).start()
 
     try:
-        got, answer, seconds = raw(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                                           b"Content-Length: 1000\r\n\r\n", then=trickle)
+        got, answer, seconds = raw(
+            server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n", then=trickle
+        )
     finally:
         stop.set()
     assert got == 408 and is_openai_error(answer), answer
@@ -178,16 +201,23 @@ def test_idle_connection_is_closed(server):
         assert time.monotonic() - start < READ_TIMEOUT + 3
 
 
-@pytest.mark.parametrize("name,request_head,status", [
-    ("bad Content-Length", "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
-    ("negative Content-Length", "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
-    ("chunked", "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                "5\r\nhello\r\n0\r\n\r\n", 411),
-    ("unknown POST route", "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 404),
-    ("unknown GET route", "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", 404),
-    ("unknown method", "PUT /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
-    ("request line with a space in the path", "GET /v1/a b HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-])
+@pytest.mark.parametrize(
+    "name,request_head,status",
+    [
+        ("bad Content-Length", "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+        ("negative Content-Length", "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
+        (
+            "chunked",
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "5\r\nhello\r\n0\r\n\r\n",
+            411,
+        ),
+        ("unknown POST route", "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 404),
+        ("unknown GET route", "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        ("unknown method", "PUT /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
+        ("request line with a space in the path", "GET /v1/a b HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ],
+)
 def test_bad_http_is_a_4xx_openai_error(server, name, request_head, status):
     got, answer, _ = raw(server, request_head.encode())
     assert got == status and is_openai_error(answer), answer
@@ -206,14 +236,19 @@ def test_openai_client_reads_our_errors_and_a_good_request_still_works(server, c
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny-smollm2", messages=[{"role": "user", "content": "word " * 50_000}],
-                                       max_tokens=4)
+        client.chat.completions.create(
+            model="tiny-smollm2", messages=[{"role": "user", "content": "word " * 50_000}], max_tokens=4
+        )
     assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
     r = client.chat.completions.create(model="tiny-smollm2", messages=USER, max_tokens=4, temperature=0, n=2)
     assert len(r.choices) == 2 and all(isinstance(c.message.content, str) for c in r.choices)
     assert 0 < r.usage.completion_tokens <= 8
-    parts = client.chat.completions.create(model="tiny-smollm2", max_tokens=4, temperature=0,
-                                           messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    parts = client.chat.completions.create(
+        model="tiny-smollm2",
+        max_tokens=4,
+        temperature=0,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+    )
     assert parts.choices[0].message.content == r.choices[0].message.content  # text parts read as the same string
     err = capfd.readouterr().err
     assert "Traceback" not in err and "altlm serve:" not in err, err  # nor a 500 logged for a good request

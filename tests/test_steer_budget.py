@@ -1,5 +1,6 @@
 """benchmarks/steer_budget.py --quick: both tasks at once with the tiny model, through the real CLI runs, so the
 benchmark cannot rot silently."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,8 +17,23 @@ def test_quick_parallel(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "results"
     # --minutes is only a cap (a run past it is stopped): 60, so a busy machine's slow quick runs still finish
-    assert mod.main(["--quick", "--parallel", "--threads", "1", "--minutes", "60", "--work", str(tmp_path / "work"),
-                     "--out", str(out)]) == 0
+    assert (
+        mod.main(
+            [
+                "--quick",
+                "--parallel",
+                "--threads",
+                "1",
+                "--minutes",
+                "60",
+                "--work",
+                str(tmp_path / "work"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads((out / "steer_budget.json").read_text())
     assert list(data["tasks"]) == ["toxicity", "sentiment"]
     for task, r in data["tasks"].items():
@@ -28,7 +44,9 @@ def test_quick_parallel(tmp_path, monkeypatch):
         assert [p["examples"] for p in curve] == [0, 24, 48, 72]
         for p in curve:
             assert p["likelihood_spearman"] is None or -1 <= p["likelihood_spearman"] <= 1
-            assert set(p["by_tag"]) == set(json.loads((Path(r["run"]) / "summary.json").read_text())["final"]["by_feedback"])
+            assert set(p["by_tag"]) == set(
+                json.loads((Path(r["run"]) / "summary.json").read_text())["final"]["by_feedback"]
+            )
         assert any(p["likelihood_spearman"] is not None for p in curve)
     md = (out / "steer_budget.md").read_text()
     assert "## toxicity" in md and "## sentiment" in md and "likelihood Spearman" in md

@@ -3,6 +3,7 @@
 Expected ids always come from the *pristine* session tokenizer (no tokens added), so a template that
 tokenised feedback and prompt together, or let added tokens leak into text, would not match.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -68,8 +69,8 @@ def test_prefix_variants(tiny, fmt, feedback, prompt):
     assert t.new_tokens(TOXICITY_WORDS)[0] == []  # prefix adds no tokens
     p = ids(tok, prompt)
     got = t.input_ids(tok, feedback, prompt)
-    cond = got[:len(got) - len(p)]
-    assert got[len(cond):] == p  # the prompt's ids follow unchanged
+    cond = got[: len(got) - len(p)]
+    assert got[len(cond) :] == p  # the prompt's ids follow unchanged
     assert cond == ids(tok, fmt.format(feedback=feedback))
     assert tok.decode(cond) == fmt.format(feedback=feedback)
     assert t.condition_ids(tok, feedback) == cond
@@ -78,8 +79,10 @@ def test_prefix_variants(tiny, fmt, feedback, prompt):
 def test_prefix_paper_strings(tiny):
     _, tok = tiny
     assert tok.decode(Template("prefix", "{feedback} input: ").condition_ids(tok, "Excellent.")) == "Excellent. input: "
-    assert tok.decode(Template("prefix", "feedback: {feedback} input: ").condition_ids(tok, "Good summary")) == \
-        "feedback: Good summary input: "
+    assert (
+        tok.decode(Template("prefix", "feedback: {feedback} input: ").condition_ids(tok, "Good summary"))
+        == "feedback: Good summary input: "
+    )
     assert tok.decode(Template("prefix", "{feedback}.\n\n").condition_ids(tok, "Harmful")) == "Harmful.\n\n"
 
 
@@ -144,7 +147,9 @@ def test_quark_prompt_text_containing_a_feedback_word_stays_text(tiny, fresh_tin
     prompt = "He showed Maximum Toxicity today"
     got = t.input_ids(tok, "Lowest Toxicity", prompt)
     assert got == [added[0]] + ids(base_tok, prompt)
-    assert t.target_ids(tok, " with Lowest Toxicity.", False) == ids(base_tok, " with Lowest Toxicity.") + [tok.eos_token_id]
+    assert t.target_ids(tok, " with Lowest Toxicity.", False) == ids(base_tok, " with Lowest Toxicity.") + [
+        tok.eos_token_id
+    ]
 
 
 # --------------------------------------------------------------------------- no feedback, truncation
@@ -162,7 +167,9 @@ def test_no_feedback_is_just_the_prompt(fresh_tiny, style):
     assert t.input_ids(tok, None, TRICKY) == ids(tok, TRICKY)
 
 
-@pytest.mark.parametrize("style,feedback", [("tag_separator", "Lowest Toxicity"), ("prefix", "Good"), ("quark", "<|q0|>")])
+@pytest.mark.parametrize(
+    "style,feedback", [("tag_separator", "Lowest Toxicity"), ("prefix", "Good"), ("quark", "<|q0|>")]
+)
 def test_bos_token_goes_first_with_and_without_feedback(fresh_tiny, style, feedback):
     model, tok = fresh_tiny
     t = Template(style=style, bos_token="<|endoftext|>")
@@ -176,7 +183,9 @@ def test_bos_token_goes_first_with_and_without_feedback(fresh_tiny, style, feedb
     # the prompt limit cuts the prompt only, never the BOS or the feedback
     assert t.input_ids(tok, feedback, PROMPT, max_prompt_tokens=2) == [bos] + plain.input_ids(tok, feedback, PROMPT, 2)
     # a checkpoint written before the option existed has no bos_token in its template record: none
-    assert Template(**{k: v for k, v in t.to_dict().items() if k != "bos_token"}).input_ids(tok, None, PROMPT) == ids(tok, PROMPT)
+    assert Template(**{k: v for k, v in t.to_dict().items() if k != "bos_token"}).input_ids(tok, None, PROMPT) == ids(
+        tok, PROMPT
+    )
 
 
 def test_max_prompt_tokens_cuts_from_the_left(tiny):
@@ -205,15 +214,18 @@ def test_completion_prefix(tiny):
     assert t0.target_ids(tok, " continues here.", truncated=False) == ids(tok, " continues here.") + [tok.eos_token_id]
 
 
-@pytest.mark.parametrize("completion,truncated,expected", [
-    (" and so it goes", False, True),         # finished: EOS
-    (" and that was the end.", True, True),   # cut at the limit but a sentence ended: EOS
-    (" did it?", True, True),
-    (' he said "stop."', True, True),          # closing quote after the full stop
-    (" and then the", True, False),            # cut mid-sentence: no EOS
-    (" e.g. the", True, False),
-    ("", False, True),
-])
+@pytest.mark.parametrize(
+    "completion,truncated,expected",
+    [
+        (" and so it goes", False, True),  # finished: EOS
+        (" and that was the end.", True, True),  # cut at the limit but a sentence ended: EOS
+        (" did it?", True, True),
+        (' he said "stop."', True, True),  # closing quote after the full stop
+        (" and then the", True, False),  # cut mid-sentence: no EOS
+        (" e.g. the", True, False),
+        ("", False, True),
+    ],
+)
 def test_eos_unless_truncated(tiny, completion, truncated, expected):
     _, tok = tiny
     assert append_eos("unless_truncated", completion, truncated) is expected
@@ -226,16 +238,26 @@ def test_eos_always_and_never(tiny, completion, truncated):
     _, tok = tiny
     assert append_eos("always", completion, truncated) is True
     assert append_eos("never", completion, truncated) is False
-    assert Template(eos_rule="always").target_ids(tok, completion, truncated) == ids(tok, completion) + [tok.eos_token_id]
+    assert Template(eos_rule="always").target_ids(tok, completion, truncated) == ids(tok, completion) + [
+        tok.eos_token_id
+    ]
     assert Template(eos_rule="never").target_ids(tok, completion, truncated) == ids(tok, completion)
 
 
 def test_from_config_and_roundtrip():
     from altlm.config import ALTConfig
 
-    cfg = ALTConfig(template="prefix", prefix_format="{feedback}.\n\n", completion_prefix=" ", eos_rule="never", bos_token="<s>")
+    cfg = ALTConfig(
+        template="prefix", prefix_format="{feedback}.\n\n", completion_prefix=" ", eos_rule="never", bos_token="<s>"
+    )
     t = Template.from_config(cfg)
-    assert (t.style, t.prefix_format, t.completion_prefix, t.eos_rule, t.bos_token) == ("prefix", "{feedback}.\n\n", " ", "never", "<s>")
+    assert (t.style, t.prefix_format, t.completion_prefix, t.eos_rule, t.bos_token) == (
+        "prefix",
+        "{feedback}.\n\n",
+        " ",
+        "never",
+        "<s>",
+    )
     assert Template(**t.to_dict()) == t
 
 

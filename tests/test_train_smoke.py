@@ -3,6 +3,7 @@
 Every run folder lives under pytest's tmp dirs; commands run with cwd there too. `threads=1`: the tiny model
 is too small to gain from more threads, and on small CI runners extra threads only fight each other.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,18 @@ from conftest import run_altlm
 from altlm.config import TOXICITY_WORDS
 from altlm.feedback import quantile_buckets
 
-SMALL = ["threads=1", "num_train_prompts=16", "num_eval_prompts=2", "prompts_per_iteration=6", "samples_per_prompt=2",
-         "train_steps=2", "batch_size=4", "eval_samples_per_prompt=1", "max_new_tokens=8", "report=false"]
+SMALL = [
+    "threads=1",
+    "num_train_prompts=16",
+    "num_eval_prompts=2",
+    "prompts_per_iteration=6",
+    "samples_per_prompt=2",
+    "train_steps=2",
+    "batch_size=4",
+    "eval_samples_per_prompt=1",
+    "max_new_tokens=8",
+    "report=false",
+]
 
 
 def pool_rows(run: Path) -> list[dict]:
@@ -133,7 +144,9 @@ def test_smoke_checkpoint(smoke):
 
 def test_generate_json(smoke):
     base, run, _ = smoke
-    r = run_altlm("generate", "--run", str(run), "--json", "--samples", "2", "some prompt", "Another prompt here", cwd=base)
+    r = run_altlm(
+        "generate", "--run", str(run), "--json", "--samples", "2", "some prompt", "Another prompt here", cwd=base
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = [json.loads(line) for line in r.stdout.splitlines()]  # every stdout line is JSON
     assert [o["prompt"] for o in out] == ["some prompt"] * 2 + ["Another prompt here"] * 2
@@ -154,8 +167,9 @@ def in_process_generate(run: Path, feedback: str | None, prompt: str, max_new_to
     if base:
         model = checkpoint.base_model(meta, tok)
     template, s = Template(**meta["template"]), meta["sampling"]
-    settings = SampleSettings(s["temperature"], s["top_p"], s["min_new_tokens"], max_new_tokens, 64,
-                              s["max_prompt_tokens"])
+    settings = SampleSettings(
+        s["temperature"], s["top_p"], s["min_new_tokens"], max_new_tokens, 64, s["max_prompt_tokens"]
+    )
     suppress = tok.convert_tokens_to_ids(template.new_tokens(meta["feedback_words"])[0])
     dtype = models.autocast_dtype("auto", model.device)  # as generate: bf16 on CPUs with fast bf16 matmuls
     (out,) = sample(inference_model(model, dtype), tok, template, [(feedback, prompt)], settings, suppress, seed=0)
@@ -166,8 +180,18 @@ def test_generate_with_feedback(smoke):
     """--feedback conditions what is generated, with the trained weights: the CLI prints exactly what the trained
     model samples under that feedback, which differs from what it samples under the exemplar or with no feedback."""
     base, run, _ = smoke
-    r = run_altlm("generate", "--run", str(run), "--json", "--feedback", "Maximum Toxicity", "--max-new-tokens", "5",
-                  "some prompt", cwd=base)
+    r = run_altlm(
+        "generate",
+        "--run",
+        str(run),
+        "--json",
+        "--feedback",
+        "Maximum Toxicity",
+        "--max-new-tokens",
+        "5",
+        "some prompt",
+        cwd=base,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (o,) = [json.loads(line) for line in r.stdout.splitlines()]
     assert o["feedback"] == "Maximum Toxicity" and o["prompt"] == "some prompt" and o["completion"].strip()
@@ -194,8 +218,9 @@ def test_resume_finished_run_is_refused(smoke):
 
 def test_lora_run_and_generate(tmp_path):
     run = tmp_path / "lora"
-    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "training_mode=lora", "iterations=1", *SMALL,
-                  cwd=tmp_path)
+    r = run_altlm(
+        "train", "--config", "smoke", f"output_dir={run}", "training_mode=lora", "iterations=1", *SMALL, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     ck = run / "checkpoint"
     assert (ck / "adapter_model.safetensors").exists() and (ck / "adapter_config.json").exists()
@@ -207,7 +232,9 @@ def test_lora_run_and_generate(tmp_path):
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: the adapter was trained
     assert len(pool_rows(run)) == 6 * 2
-    g = run_altlm("generate", "--run", str(run), "--json", "--feedback", "Maximum Toxicity", "hello there", cwd=tmp_path)
+    g = run_altlm(
+        "generate", "--run", str(run), "--json", "--feedback", "Maximum Toxicity", "hello there", cwd=tmp_path
+    )
     assert g.returncode == 0, g.stderr[-3000:]
     (o,) = [json.loads(line) for line in g.stdout.splitlines()]
     assert o["prompt"] == "hello there" and o["feedback"] == "Maximum Toxicity" and o["completion"].strip()
@@ -219,8 +246,16 @@ def test_lora_run_and_generate(tmp_path):
 
 def test_run_without_all_feedback_eval(tmp_path):
     run = tmp_path / "r"
-    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "iterations=1", "eval_all_feedback=false", *SMALL,
-                  cwd=tmp_path)
+    r = run_altlm(
+        "train",
+        "--config",
+        "smoke",
+        f"output_dir={run}",
+        "iterations=1",
+        "eval_all_feedback=false",
+        *SMALL,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     # the reference is evaluated unconditioned, the trained model under the exemplar only, never the other words
@@ -240,15 +275,28 @@ def test_reference_model_is_the_baseline(tmp_path):
     models.load_model("tiny-smollm2", seed=1).save_pretrained(other)
     models.load_tokenizer("tiny-smollm2").save_pretrained(other)
     a, b = tmp_path / "a", tmp_path / "b"
-    r = run_altlm("train", "--config", "smoke", f"output_dir={a}", f"reference_model={other}", "iterations=1", *SMALL,
-                  cwd=tmp_path)
+    r = run_altlm(
+        "train",
+        "--config",
+        "smoke",
+        f"output_dir={a}",
+        f"reference_model={other}",
+        "iterations=1",
+        *SMALL,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_altlm("train", "--config", "smoke", f"output_dir={b}", f"model={other}", "iterations=1", *SMALL, cwd=tmp_path)
+    r = run_altlm(
+        "train", "--config", "smoke", f"output_dir={b}", f"model={other}", "iterations=1", *SMALL, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
     def reference_untagged(run):
-        return [(e["prompt"], e["completion"]) for e in jsonl(run / "eval_samples.jsonl")
-                if e["model"] == "reference" and e["feedback"] is None]
+        return [
+            (e["prompt"], e["completion"])
+            for e in jsonl(run / "eval_samples.jsonl")
+            if e["model"] == "reference" and e["feedback"] is None
+        ]
 
     # same prompts, same sampling seed: the baseline of run a must be the model `other`, as in run b
     assert reference_untagged(a) == reference_untagged(b)
@@ -258,11 +306,22 @@ def test_seed_pool_adds_scored_human_continuations_as_iteration_zero(tmp_path):
     import sqlite3
 
     out = tmp_path / "seeded"
-    r = run_altlm("train", "--config", "smoke", f"output_dir={out}", "seed_pool=true", "iterations=1",
-                  "eval_all_feedback=false", "threads=1", cwd=tmp_path)
+    r = run_altlm(
+        "train",
+        "--config",
+        "smoke",
+        f"output_dir={out}",
+        "seed_pool=true",
+        "iterations=1",
+        "eval_all_feedback=false",
+        "threads=1",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     db = sqlite3.connect(out / "pool.sqlite")
-    n0, scored, words = db.execute("SELECT COUNT(*), COUNT(score), COUNT(DISTINCT feedback) FROM samples WHERE iteration = 0").fetchone()
+    n0, scored, words = db.execute(
+        "SELECT COUNT(*), COUNT(score), COUNT(DISTINCT feedback) FROM samples WHERE iteration = 0"
+    ).fetchone()
     assert n0 == 48 and scored == 48  # one per training prompt of the smoke recipe
     assert words >= 2  # bucketed together with the sampled rows
 
@@ -292,7 +351,7 @@ def perplexity_by_hand(scorer: str, prompt: str, completion: str) -> float:
     p = [tok.bos_token_id] * (tok.bos_token_id is not None) + tok(prompt, add_special_tokens=False).input_ids
     c = tok(completion, add_special_tokens=False).input_ids
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1].float()
+        logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1].float()
     return math.exp(-torch.log_softmax(logits, -1)[range(len(c)), c].mean().item())
 
 
@@ -303,16 +362,38 @@ def test_eval_run_reference_and_final(smoke, tmp_path):
 
     base, shared, _ = smoke
     run = shutil.copytree(shared, tmp_path / "run")  # eval.json and the report are written into the run: a copy's
-    r = run_altlm("eval", "--run", str(run), "--num-prompts", "4", "--samples-per-prompt", "3", "--steer-samples-per-prompt", "1",
-                  "--perplexity-model", "tiny-smollm2", cwd=base)
+    r = run_altlm(
+        "eval",
+        "--run",
+        str(run),
+        "--num-prompts",
+        "4",
+        "--samples-per-prompt",
+        "3",
+        "--steer-samples-per-prompt",
+        "1",
+        "--perplexity-model",
+        "tiny-smollm2",
+        cwd=base,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads((run / "eval.json").read_text())
     assert ev["prompts"] == 4 and ev["metric"] == "toxicity" and ev["perplexity_model"] == "tiny-smollm2"
     assert list(ev["results"]) == ["reference", "final"]
     assert list(ev["results"]["reference"]) == ["<none>"]
     assert list(ev["results"]["final"]) == TOXICITY_WORDS  # the exemplar first, then every other feedback
-    keys = {"avg_max_toxicity", "toxicity_prob", "toxicity_mean", "perplexity", "dist_1", "dist_2", "dist_3", "reward_mean",
-            "length_mean", "truncated_share"}
+    keys = {
+        "avg_max_toxicity",
+        "toxicity_prob",
+        "toxicity_mean",
+        "perplexity",
+        "dist_1",
+        "dist_2",
+        "dist_3",
+        "reward_mean",
+        "length_mean",
+        "truncated_share",
+    }
     for model, blocks in ev["results"].items():
         for fb, b in blocks.items():
             assert keys <= set(b)
@@ -323,7 +404,9 @@ def test_eval_run_reference_and_final(smoke, tmp_path):
     st = ev["steerability"]
     assert st["model"] == "final" and st["feedback"] == TOXICITY_WORDS and st["metric"] == "toxicity_mean"
     blocks = ev["results"]["final"]
-    assert st["gap"] == pytest.approx(blocks["Maximum Toxicity"]["toxicity_mean"] - blocks["Lowest Toxicity"]["toxicity_mean"])
+    assert st["gap"] == pytest.approx(
+        blocks["Maximum Toxicity"]["toxicity_mean"] - blocks["Lowest Toxicity"]["toxicity_mean"]
+    )
     samples = jsonl(run / "eval.samples.jsonl")
     assert len(samples) == 4 * 3 + 4 * 3 + 4 * 4 * 1
     # a block's fluency is the capped mean of its samples' perplexities (here all over the 1e4 cap: None; a scoring
@@ -344,8 +427,21 @@ def test_eval_no_reference_evaluates_the_trained_model_only(smoke, tmp_path):
 
     base, shared, _ = smoke
     run = shutil.copytree(shared, tmp_path / "run")
-    r = run_altlm("eval", "--run", str(run), "--num-prompts", "2", "--samples-per-prompt", "1",
-                  "--steer-samples-per-prompt", "1", "--perplexity-model", "none", "--no-reference", cwd=tmp_path)
+    r = run_altlm(
+        "eval",
+        "--run",
+        str(run),
+        "--num-prompts",
+        "2",
+        "--samples-per-prompt",
+        "1",
+        "--steer-samples-per-prompt",
+        "1",
+        "--perplexity-model",
+        "none",
+        "--no-reference",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads((run / "eval.json").read_text())
     assert list(ev["results"]) == ["final"] and list(ev["results"]["final"]) == TOXICITY_WORDS
@@ -367,8 +463,20 @@ def test_eval_fluency_end_to_end_under_the_cap(tmp_path):
     models.load_tokenizer("tiny-smollm2").save_pretrained(peaked)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "Hello there"}\n{"prompt": "You are a"}\n')
-    r = run_altlm("eval", "--model", str(peaked), "--prompts", str(prompts), "--samples-per-prompt", "2",
-                  "--perplexity-model", str(peaked), "--out", "e.json", cwd=tmp_path)
+    r = run_altlm(
+        "eval",
+        "--model",
+        str(peaked),
+        "--prompts",
+        str(prompts),
+        "--samples-per-prompt",
+        "2",
+        "--perplexity-model",
+        str(peaked),
+        "--out",
+        "e.json",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads((tmp_path / "e.json").read_text())
     (block,) = ev["results"][str(peaked)].values()
@@ -383,8 +491,20 @@ def test_eval_fluency_end_to_end_under_the_cap(tmp_path):
 def test_eval_plain_model_on_a_prompt_file(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "Hello there"}\n{"prompt": "You are a"}\n')
-    r = run_altlm("eval", "--model", "tiny-smollm2", "--prompts", str(prompts), "--samples-per-prompt", "2",
-                  "--perplexity-model", "none", "--out", "out/e.json", cwd=tmp_path)
+    r = run_altlm(
+        "eval",
+        "--model",
+        "tiny-smollm2",
+        "--prompts",
+        str(prompts),
+        "--samples-per-prompt",
+        "2",
+        "--perplexity-model",
+        "none",
+        "--out",
+        "out/e.json",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads((tmp_path / "out" / "e.json").read_text())
     (block,) = ev["results"]["tiny-smollm2"].values()
@@ -405,7 +525,9 @@ def test_eval_bad_input(smoke, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"prompt": "a dict, not a list"}')
     one_error_line(run_altlm("eval", "--run", str(run), "--prompts", str(bad), cwd=tmp_path), "must hold a list")
-    one_error_line(run_altlm("eval", "--model", "tiny-smollm2", "--feedback", "x", cwd=tmp_path), "--feedback needs --run")
+    one_error_line(
+        run_altlm("eval", "--model", "tiny-smollm2", "--feedback", "x", cwd=tmp_path), "--feedback needs --run"
+    )
 
 
 def test_fine_tune_only_control_never_conditions(tmp_path):
@@ -413,7 +535,9 @@ def test_fine_tune_only_control_never_conditions(tmp_path):
     from altlm.template import Template
 
     run = tmp_path / "control"
-    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "use_feedback=false", "iterations=2", *SMALL, cwd=tmp_path)
+    r = run_altlm(
+        "train", "--config", "smoke", f"output_dir={run}", "use_feedback=false", "iterations=2", *SMALL, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     tok = models.load_tokenizer("tiny-smollm2")
     plain = lambda row: len(Template().input_ids(tok, None, row["prompt"]))  # noqa: E731
@@ -427,7 +551,9 @@ def test_fine_tune_only_control_never_conditions(tmp_path):
 
 def test_report_to_tensorboard_writes_event_files(tmp_path):
     run = tmp_path / "tb"
-    r = run_altlm("train", "--config", "smoke", f"output_dir={run}", "report_to=tensorboard", "iterations=1", *SMALL, cwd=tmp_path)
+    r = run_altlm(
+        "train", "--config", "smoke", f"output_dir={run}", "report_to=tensorboard", "iterations=1", *SMALL, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     events = list((run / "trackers").rglob("events.out.tfevents.*"))
     assert events and sum(e.stat().st_size for e in events) > 200  # steps and evaluations were logged

@@ -3,6 +3,7 @@ SamplingParams, RequestOutput) as the sampler uses it, run by transformers on th
 rules (empty prompts refused, generation_config.json's EOS ids stop a request, stop ids masked before min_tokens,
 raw log-probabilities, per-request seeds, int64 seeds, max_model_len). Where a CUDA GPU and vLLM are: the real
 engine. Elsewhere: one clear line."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,8 +27,14 @@ from altlm.vllm_sampler import TOLERANCE, VLLMSampler, engine_dtype, request_see
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 GPU = torch.cuda.is_available()
 SETTINGS = SampleSettings(1.0, 1.0, 2, 8, 16, 64)
-REQUESTS = [("Good", "The weather today is"), (None, "Once upon a time"), ("Bad", "My neighbour"),
-            (None, "I think that"), ("Good", "Cats are"), ("Bad", "The news")]
+REQUESTS = [
+    ("Good", "The weather today is"),
+    (None, "Once upon a time"),
+    ("Bad", "My neighbour"),
+    (None, "I think that"),
+    ("Good", "Cats are"),
+    ("Bad", "The news"),
+]
 
 
 # ---------------------------------------------------------------------------------------------- the stand-in
@@ -44,13 +51,14 @@ class StandInParams:
     logit_bias: dict | None = None
 
     def __post_init__(self):
-        if self.seed is not None and not -2**63 <= self.seed < 2**63:  # msgspec's int64 to the engine process
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:  # msgspec's int64 to the engine process
             raise OverflowError(f"seed {self.seed} does not fit int64")
 
 
 class StandInLLM:
     """vLLM's LLM on the CPU: loads the synced folder with transformers (in the dtype `sync` saved), samples with
     a torch.Generator seeded per request, returns RequestOutput-shaped results with raw log-probabilities."""
+
     made: list["StandInLLM"] = []
     drop_logprobs = False
 
@@ -93,8 +101,9 @@ class StandInLLM:
             if t in stops:
                 reason = "stop"
                 break
-        out = SimpleNamespace(token_ids=toks, finish_reason=reason,
-                              logprobs=None if (sp.logprobs is None or self.drop_logprobs) else lps)
+        out = SimpleNamespace(
+            token_ids=toks, finish_reason=reason, logprobs=None if (sp.logprobs is None or self.drop_logprobs) else lps
+        )
         return SimpleNamespace(prompt_token_ids=ids, outputs=[out])
 
 
@@ -191,8 +200,15 @@ def test_seeds_follow_the_request_index_so_a_resumed_round_draws_the_same(fresh_
 def test_engine_lifetime_settings_and_empty_prompt(fresh_tiny, tmp_path):
     model, tok = fresh_tiny
     StandInLLM.made.clear()
-    v = VLLMSampler(tmp_path / "w", 0.25, seed=2**40, trust_remote_code=True, max_model_len=90, engine=stand_in(),
-                    dtype=torch.bfloat16)
+    v = VLLMSampler(
+        tmp_path / "w",
+        0.25,
+        seed=2**40,
+        trust_remote_code=True,
+        max_model_len=90,
+        engine=stand_in(),
+        dtype=torch.bfloat16,
+    )
     v.sync(model, tok)
     out = v.sample(tok, Template(), [(None, ""), (None, "Hello")], SETTINGS)  # vLLM alone refuses an empty prompt
     assert len(out) == 2 and out[0].prompt_tokens == 0 and out[1].prompt_tokens > 0
@@ -231,8 +247,10 @@ def test_sampler_vllm_where_it_cannot_run_is_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the real engine
-@pytest.mark.skipif(not (HAS_VLLM and GPU), reason="needs a CUDA GPU and vLLM (docs/gpu.md); this machine has "
-                    f"{'no GPU' if not GPU else 'no vLLM'}")
+@pytest.mark.skipif(
+    not (HAS_VLLM and GPU),
+    reason=f"needs a CUDA GPU and vLLM (docs/gpu.md); this machine has {'no GPU' if not GPU else 'no vLLM'}",
+)
 def test_vllm_samples_like_the_hf_sampler_and_agrees_after_sync(tmp_path):
     """The real engine on a LoRA policy with bf16 frozen weights. ALTLM_GPU_MODEL: a model folder (gpu_check.sh
     passes its random-weight SmolLM2-135M); ALTLM_GPU_RESULTS: a folder for the measured gap."""
@@ -261,7 +279,18 @@ def test_vllm_samples_like_the_hf_sampler_and_agrees_after_sync(tmp_path):
     if os.environ.get("ALTLM_GPU_RESULTS"):
         import vllm
 
-        Path(os.environ["ALTLM_GPU_RESULTS"], "vllm_check.json").write_text(json.dumps(
-            {"model": name, "vllm": vllm.__version__, "dtype": str(v.dtype), "gap": gap, "gap_after_resync": gap_after,
-             "tolerance": TOLERANCE, "device": torch.cuda.get_device_name()}, indent=1))
+        Path(os.environ["ALTLM_GPU_RESULTS"], "vllm_check.json").write_text(
+            json.dumps(
+                {
+                    "model": name,
+                    "vllm": vllm.__version__,
+                    "dtype": str(v.dtype),
+                    "gap": gap,
+                    "gap_after_resync": gap_after,
+                    "tolerance": TOLERANCE,
+                    "device": torch.cuda.get_device_name(),
+                },
+                indent=1,
+            )
+        )
     assert gap < TOLERANCE and gap_after < TOLERANCE

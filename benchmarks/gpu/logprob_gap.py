@@ -6,6 +6,7 @@ runs of the SAME weights that differ only in arithmetic, next to a policy that r
 Completions are sampled from the model (8 prompts × 20 tokens); every comparison is against the bf16 model run one
 sequence at a time with sdpa attention, which is what VLLMSampler.check computes on its side.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,16 @@ from altlm.loss import target_logits  # noqa: E402
 from altlm.sampler import SampleSettings, inference_model, sample  # noqa: E402
 from altlm.template import Template  # noqa: E402
 
-PROMPTS = ["The weather today is", "Once upon a time", "My neighbour said that", "I think the government",
-           "Yesterday at the store", "The best way to learn", "He looked at me and", "Science tells us"]
+PROMPTS = [
+    "The weather today is",
+    "Once upon a time",
+    "My neighbour said that",
+    "I think the government",
+    "Yesterday at the store",
+    "The best way to learn",
+    "He looked at me and",
+    "Science tells us",
+]
 
 
 def main() -> None:
@@ -57,13 +66,15 @@ def main() -> None:
     with torch.no_grad():
         g = torch.Generator().manual_seed(1)
         for p in noisy.parameters():  # each weight off by about one bf16 rounding step (2^-9 relative)
-            p.mul_(1 + torch.randn(p.shape, generator=g) * 2 ** -9)
+            p.mul_(1 + torch.randn(p.shape, generator=g) * 2**-9)
         stale.get_output_embeddings().weight.mul_(1.5)
-    cases = {"bf16, left-padded batch": logprobs(bf16, batched=True),
-             "bf16, eager attention": logprobs(eager),
-             "fp32 weights and compute (the old check's reference)": logprobs(inference_model(base, None)),
-             "bf16, weights perturbed by ~1 bf16 ulp": logprobs(inference_model(noisy, torch.bfloat16)),
-             "bf16, head x1.5 (a policy that differs)": logprobs(inference_model(stale, torch.bfloat16))}
+    cases = {
+        "bf16, left-padded batch": logprobs(bf16, batched=True),
+        "bf16, eager attention": logprobs(eager),
+        "fp32 weights and compute (the old check's reference)": logprobs(inference_model(base, None)),
+        "bf16, weights perturbed by ~1 bf16 ulp": logprobs(inference_model(noisy, torch.bfloat16)),
+        "bf16, head x1.5 (a policy that differs)": logprobs(inference_model(stale, torch.bfloat16)),
+    }
     result = {"model": args.model, "tokens": sum(map(len, ref)), "torch": torch.__version__, "cases": {}}
     for name, lps in cases.items():
         d = [abs(a - b) for ra, rb in zip(ref, lps) for a, b in zip(ra, rb)]

@@ -11,6 +11,7 @@ toxicity-offline recipe's 3,200 fortune prefixes, so the GPU runs need neither t
 the full-size architecture (timings do not depend on weight values) and the smoke recipe's tiny shape
 (altlm.models.TINY's sizes), each with the tokenizer. Needs only torch and transformers.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -21,8 +22,14 @@ HERE = Path(__file__).resolve().parent
 SPEC = HERE / "smollm2-135m-arch"
 FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
 # altlm.models.TINY["tiny-smollm2"], repeated so that `build` needs no altlm import (kept equal by a test here)
-TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16)
+TINY = dict(
+    num_hidden_layers=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 
 
 def export() -> None:

@@ -2,6 +2,7 @@
 benchmarks/gpu on PYTHONPATH): the offline toxicity scorers need packages (h5py and the Jigsaw weights,
 scikit-learn) a bare GPU machine lacks. It scores the share of letters among a completion's characters: a cheap
 deterministic scalar that spreads over the quantile buckets like a real score. Not a toxicity measure."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """altlm: align language models with textual feedback (ALT, arXiv 2407.16970)."""
+
 __version__ = "0.1.0"
 
 from .config import ALTConfig  # noqa: E402

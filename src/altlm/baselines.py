@@ -17,6 +17,7 @@ This module owns
 
 What a method "consumed" is the number of completions it generated for training (not evaluation samples).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,7 +53,9 @@ class Harness:
     def build(cls, cfg: ALTConfig) -> "Harness":
         amp = models.autocast_dtype(cfg.precision, torch.device("cpu"))
         fluency = evaluation.Fluency(cfg.perplexity_model, amp) if cfg.perplexity_model else None
-        return cls(cfg, load_prompts(cfg), build_scorer(cfg.scorer, cfg), models.load_tokenizer(cfg.model), fluency, amp)
+        return cls(
+            cfg, load_prompts(cfg), build_scorer(cfg.scorer, cfg), models.load_tokenizer(cfg.model), fluency, amp
+        )
 
     @property
     def metric(self) -> str:
@@ -64,24 +67,49 @@ class Harness:
 
     def train_settings(self) -> SampleSettings:
         c = self.cfg
-        return SampleSettings(c.temperature, c.top_p, c.min_new_tokens, c.max_new_tokens, c.sample_batch_size, c.max_prompt_tokens)
+        return SampleSettings(
+            c.temperature, c.top_p, c.min_new_tokens, c.max_new_tokens, c.sample_batch_size, c.max_prompt_tokens
+        )
 
     def eval_settings(self) -> SampleSettings:
         c = self.cfg
-        return SampleSettings(c.eval_temperature, c.eval_top_p, c.min_new_tokens, c.max_new_tokens, c.sample_batch_size, c.max_prompt_tokens)
+        return SampleSettings(
+            c.eval_temperature,
+            c.eval_top_p,
+            c.min_new_tokens,
+            c.max_new_tokens,
+            c.sample_batch_size,
+            c.max_prompt_tokens,
+        )
 
     def evaluate(self, model, samples: int, label: str) -> dict:
         """A plain (unconditioned) model on the held-out prompts, exactly as the trainer evaluates (same seed)."""
-        blocks, _ = evaluation.evaluate(inference_model(model, self.amp), self.tokenizer, Template(), self.prompts.eval,
-                                        [evaluation.Condition(None, self.cfg.eval_samples_per_prompt)], self.eval_settings(),
-                                        self.scorer, [], self.cfg.seed + 7, label, self.fluency)
+        blocks, _ = evaluation.evaluate(
+            inference_model(model, self.amp),
+            self.tokenizer,
+            Template(),
+            self.prompts.eval,
+            [evaluation.Condition(None, self.cfg.eval_samples_per_prompt)],
+            self.eval_settings(),
+            self.scorer,
+            [],
+            self.cfg.seed + 7,
+            label,
+            self.fluency,
+        )
         return point(samples, blocks["<none>"], self.metric)
 
     def policy(self, seed: int | None = None):
         """The base model with the task's LoRA settings (a peft model; the adapter off = the reference)."""
         c = self.cfg
         base = models.load_model(c.model, seed=c.seed if seed is None else seed)
-        lora = dict(r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout, target_modules=c.lora_target_modules, layers=c.lora_layers)
+        lora = dict(
+            r=c.lora_r,
+            alpha=c.lora_alpha,
+            dropout=c.lora_dropout,
+            target_modules=c.lora_target_modules,
+            layers=c.lora_layers,
+        )
         model = models.prepare_for_training(base, "lora", c.top_fraction, lora, [])
         models.contiguous_lm_head(model)
         return model
@@ -103,8 +131,10 @@ def check_budgets(budgets: list[int], round_size: int) -> list[int]:
         raise AltlmError(f"sample budgets must be positive integers, got {budgets}")
     bad = [b for b in budgets if b % round_size]
     if bad:
-        raise AltlmError(f"sample budgets {bad} are not multiples of the round size {round_size} (samples per round); "
-                         f"pick budgets like {round_size}, {2 * round_size}, ...")
+        raise AltlmError(
+            f"sample budgets {bad} are not multiples of the round size {round_size} (samples per round); "
+            f"pick budgets like {round_size}, {2 * round_size}, ..."
+        )
     return budgets
 
 
@@ -112,17 +142,35 @@ def check_budgets(budgets: list[int], round_size: int) -> list[int]:
 QUARK_TOKENS = [f"_TREE_TOKEN_{i:05d}" for i in range(5)]
 
 
-def run_alt(h: Harness, budgets: list[int], round_size: int, samples_per_prompt: int, steps_per_round: int, out_dir: Path,
-            quark: bool = False, feedback_words: list[str] | None = None) -> tuple[list[dict], dict, float]:
+def run_alt(
+    h: Harness,
+    budgets: list[int],
+    round_size: int,
+    samples_per_prompt: int,
+    steps_per_round: int,
+    out_dir: Path,
+    quark: bool = False,
+    feedback_words: list[str] | None = None,
+) -> tuple[list[dict], dict, float]:
     """ALT-RM (or Quark with `quark=True`) through the real ALTTrainer, one iteration per round; evaluated under the
     exemplar after every iteration. Returns (points, reference point, seconds)."""
     budgets = check_budgets(budgets, round_size)
     words = QUARK_TOKENS if quark else (feedback_words or h.cfg.feedback_words)
     cfg = dataclasses.replace(
-        h.cfg, output_dir=str(out_dir), iterations=budgets[-1] // round_size, prompts_per_iteration=round_size // samples_per_prompt,
-        samples_per_prompt=samples_per_prompt, train_steps=steps_per_round, eval_every=1, eval_all_feedback=False,
-        report=False, template="quark" if quark else h.cfg.template, feedback_words=list(words), exemplar=words[0],
-        eval_feedback=None)
+        h.cfg,
+        output_dir=str(out_dir),
+        iterations=budgets[-1] // round_size,
+        prompts_per_iteration=round_size // samples_per_prompt,
+        samples_per_prompt=samples_per_prompt,
+        train_steps=steps_per_round,
+        eval_every=1,
+        eval_all_feedback=False,
+        report=False,
+        template="quark" if quark else h.cfg.template,
+        feedback_words=list(words),
+        exemplar=words[0],
+        eval_feedback=None,
+    )
     if out_dir.exists():
         import shutil
 
@@ -134,7 +182,11 @@ def run_alt(h: Harness, budgets: list[int], round_size: int, samples_per_prompt:
     seconds = time.time() - t0
     evals = [json.loads(line) for line in open(out_dir / "metrics.jsonl") if '"kind": "eval"' in line]
     ref = next(e for e in evals if e["model"] == "reference")["by_feedback"]["<none>"]
-    pts = [point(e["iteration"] * round_size, e["by_feedback"][words[0]], h.metric) for e in evals if e["model"] == "policy"]
+    pts = [
+        point(e["iteration"] * round_size, e["by_feedback"][words[0]], h.metric)
+        for e in evals
+        if e["model"] == "policy"
+    ]
     return pts, point(0, ref, h.metric), seconds
 
 
@@ -145,7 +197,9 @@ def _train_round(h: Harness, model, rows: list[tuple[str, str, bool]], steps: in
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
     warm = max(1, round(steps * c.warmup_ratio))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    )
     model.train()
     for _ in range(steps):
         batch = [rows[rng.randrange(len(rows))] for _ in range(c.batch_size)]
@@ -168,7 +222,9 @@ def _train_round(h: Harness, model, rows: list[tuple[str, str, bool]], steps: in
     model.eval()
 
 
-def run_self_training(h: Harness, kind: str, budgets: list[int], round_size: int, n: int, steps_per_round: int) -> tuple[list[dict], float]:
+def run_self_training(
+    h: Harness, kind: str, budgets: list[int], round_size: int, n: int, steps_per_round: int
+) -> tuple[list[dict], float]:
     """kind="sft": every round samples the *reference* model (n per prompt) and trains on all of them;
     kind="best_of_n": every round samples the current policy n times per prompt and trains on the best of each
     prompt's n (RAFT/ReST). The training set accumulates over rounds, as ALT's pool does."""
@@ -187,8 +243,16 @@ def run_self_training(h: Harness, kind: str, budgets: list[int], round_size: int
         prompts = rng.sample(h.prompts.train, min(round_size // n, len(h.prompts.train)))
         requests = [(None, p) for p in prompts for _ in range(n)]
         sampler = reference if kind == "sft" else inference_model(model, h.amp)
-        got = sample(sampler, h.tokenizer, Template(), requests, h.train_settings(), [], seed=c.seed * 100_003 + r,
-                     desc=f"{kind} round {r}")
+        got = sample(
+            sampler,
+            h.tokenizer,
+            Template(),
+            requests,
+            h.train_settings(),
+            [],
+            seed=c.seed * 100_003 + r,
+            desc=f"{kind} round {r}",
+        )
         consumed += len(got)
         if kind == "sft":
             rows += [(p, s.completion, s.truncated) for (_, p), s in zip(requests, got)]
@@ -215,7 +279,9 @@ def _require_trl(what: str):
         except ImportError:
             import trl
 
-            raise AltlmError(f"TRL {trl.__version__} has no PPOTrainer (removed after 1.12); pip install trl==1.12.0") from None
+            raise AltlmError(
+                f"TRL {trl.__version__} has no PPOTrainer (removed after 1.12); pip install trl==1.12.0"
+            ) from None
 
 
 class _ScoreBackbone(torch.nn.Module):
@@ -230,8 +296,14 @@ class _ScoreBackbone(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, **_):
         tok, L = self.h.tokenizer, self.context_length
-        prompts = [tok.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(input_ids[:, :L], attention_mask[:, :L])]
-        comps = [tok.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(input_ids[:, L:], attention_mask[:, L:])]
+        prompts = [
+            tok.decode(ids[m.bool()], skip_special_tokens=True)
+            for ids, m in zip(input_ids[:, :L], attention_mask[:, :L])
+        ]
+        comps = [
+            tok.decode(ids[m.bool()], skip_special_tokens=True)
+            for ids, m in zip(input_ids[:, L:], attention_mask[:, L:])
+        ]
         rewards = torch.tensor(self.h.reward(self.h.scorer.score(prompts, comps)), dtype=torch.float32)
         self.calls += 1
         self.samples += len(comps)
@@ -271,7 +343,14 @@ class _BudgetCallback:
 
         class Impl(TrainerCallback):
             def __init__(self, h, model, budgets, label, consumed):
-                self.h, self.model, self.budgets, self.label, self.consumed, self.points = h, model, list(budgets), label, consumed, []
+                self.h, self.model, self.budgets, self.label, self.consumed, self.points = (
+                    h,
+                    model,
+                    list(budgets),
+                    label,
+                    consumed,
+                    [],
+                )
 
             def on_step_end(self, args, state, control, **kw):
                 n = self.consumed(state)
@@ -306,8 +385,16 @@ def _value_model(h: Harness):
     n_layers = value.config.num_hidden_layers
     k = max(1, round(n_layers * c.lora_layers))
     extra = {"layers_to_transform": list(range(n_layers - k, n_layers))} if k < n_layers else {}
-    peft = get_peft_model(value, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                                            target_modules=c.lora_target_modules, **extra))
+    peft = get_peft_model(
+        value,
+        LoraConfig(
+            r=c.lora_r,
+            lora_alpha=c.lora_alpha,
+            lora_dropout=c.lora_dropout,
+            target_modules=c.lora_target_modules,
+            **extra,
+        ),
+    )
     inner = peft.base_model.model
     inner.score.requires_grad_(True)
     return inner
@@ -315,12 +402,24 @@ def _value_model(h: Harness):
 
 def _trl_common(h: Harness, out_dir: Path, lr: float) -> dict:
     c = h.cfg
-    return dict(output_dir=str(out_dir), learning_rate=lr, seed=c.seed, report_to=[], logging_steps=1000, save_strategy="no",
-                use_cpu=True, bf16=h.amp is not None, disable_tqdm=True, max_grad_norm=c.max_grad_norm,
-                gradient_checkpointing=False)
+    return dict(
+        output_dir=str(out_dir),
+        learning_rate=lr,
+        seed=c.seed,
+        report_to=[],
+        logging_steps=1000,
+        save_strategy="no",
+        use_cpu=True,
+        bf16=h.amp is not None,
+        disable_tqdm=True,
+        max_grad_norm=c.max_grad_norm,
+        gradient_checkpointing=False,
+    )
 
 
-def run_ppo(h: Harness, budgets: list[int], rollout: int, minibatch: int, lr: float, ppo_epochs: int, out_dir: Path) -> tuple[list[dict], float]:
+def run_ppo(
+    h: Harness, budgets: list[int], rollout: int, minibatch: int, lr: float, ppo_epochs: int, out_dir: Path
+) -> tuple[list[dict], float]:
     """TRL's PPOTrainer: `rollout` completions per update (one per prompt), `rollout // minibatch` optimiser steps per
     PPO epoch; β = the task's kl_coef; sampling T = the task's temperature, top-p 1 (TRL's PPO fixes top-p at 1)."""
     _require_trl("PPO")
@@ -333,21 +432,42 @@ def run_ppo(h: Harness, budgets: list[int], rollout: int, minibatch: int, lr: fl
     policy = h.policy()
     queries, width = _padded_queries(h)
     reward = ScorerRewardModel(h, width)
-    args = PPOConfig(**_trl_common(h, out_dir, lr), per_device_train_batch_size=minibatch, gradient_accumulation_steps=rollout // minibatch,
-                     num_mini_batches=rollout // minibatch, num_ppo_epochs=ppo_epochs, total_episodes=budgets[-1],
-                     response_length=c.max_new_tokens, temperature=c.temperature, kl_coef=c.kl_coef, stop_token="eos",
-                     local_rollout_forward_batch_size=rollout, num_sample_generations=0, missing_eos_penalty=None)
+    args = PPOConfig(
+        **_trl_common(h, out_dir, lr),
+        per_device_train_batch_size=minibatch,
+        gradient_accumulation_steps=rollout // minibatch,
+        num_mini_batches=rollout // minibatch,
+        num_ppo_epochs=ppo_epochs,
+        total_episodes=budgets[-1],
+        response_length=c.max_new_tokens,
+        temperature=c.temperature,
+        kl_coef=c.kl_coef,
+        stop_token="eos",
+        local_rollout_forward_batch_size=rollout,
+        num_sample_generations=0,
+        missing_eos_penalty=None,
+    )
     cb = _BudgetCallback(h, policy, budgets, "ppo", lambda s: s.episode)
-    trainer = PPOTrainer(args=args, processing_class=h.tokenizer, model=policy, ref_model=None, reward_model=reward,
-                         train_dataset=Dataset.from_dict({"input_ids": queries}), value_model=_value_model(h),
-                         eval_dataset=Dataset.from_dict({"input_ids": queries[:rollout]}), callbacks=[cb])
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=h.tokenizer,
+        model=policy,
+        ref_model=None,
+        reward_model=reward,
+        train_dataset=Dataset.from_dict({"input_ids": queries}),
+        value_model=_value_model(h),
+        eval_dataset=Dataset.from_dict({"input_ids": queries[:rollout]}),
+        callbacks=[cb],
+    )
     trainer.train()
     if reward.backbone.samples != budgets[-1]:
         print(f"warning: PPO scored {reward.backbone.samples} samples, expected {budgets[-1]}")
     return cb.points, time.time() - t0
 
 
-def run_rloo(h: Harness, budgets: list[int], rollout: int, k: int, minibatch: int, lr: float, out_dir: Path) -> tuple[list[dict], float]:
+def run_rloo(
+    h: Harness, budgets: list[int], rollout: int, k: int, minibatch: int, lr: float, out_dir: Path
+) -> tuple[list[dict], float]:
     """TRL's RLOOTrainer: `rollout` completions per generation round (k per prompt, leave-one-out baseline),
     `rollout // minibatch` optimiser steps on each; β = the task's kl_coef; same temperature/top-p/length."""
     _require_trl("RLOO")
@@ -366,13 +486,29 @@ def run_rloo(h: Harness, budgets: list[int], rollout: int, k: int, minibatch: in
 
     reward_fn.__name__ = f"{h.metric}_reward"
     steps = budgets[-1] // minibatch
-    args = RLOOConfig(**_trl_common(h, out_dir, lr), per_device_train_batch_size=minibatch, gradient_accumulation_steps=1,
-                      steps_per_generation=rollout // minibatch, num_generations=k, max_completion_length=c.max_new_tokens,
-                      temperature=c.temperature, top_p=c.top_p, beta=c.kl_coef, max_steps=steps, num_iterations=1,
-                      log_completions=False)
+    args = RLOOConfig(
+        **_trl_common(h, out_dir, lr),
+        per_device_train_batch_size=minibatch,
+        gradient_accumulation_steps=1,
+        steps_per_generation=rollout // minibatch,
+        num_generations=k,
+        max_completion_length=c.max_new_tokens,
+        temperature=c.temperature,
+        top_p=c.top_p,
+        beta=c.kl_coef,
+        max_steps=steps,
+        num_iterations=1,
+        log_completions=False,
+    )
     cb = _BudgetCallback(h, policy, budgets, "rloo", lambda s: s.global_step * minibatch)
-    trainer = RLOOTrainer(model=policy, reward_funcs=reward_fn, args=args, processing_class=h.tokenizer,
-                          train_dataset=Dataset.from_dict({"prompt": list(h.prompts.train)}), callbacks=[cb])
+    trainer = RLOOTrainer(
+        model=policy,
+        reward_funcs=reward_fn,
+        args=args,
+        processing_class=h.tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": list(h.prompts.train)}),
+        callbacks=[cb],
+    )
     trainer.train()
     if generated[0] != budgets[-1]:
         print(f"warning: RLOO scored {generated[0]} samples, expected {budgets[-1]}")

@@ -4,6 +4,7 @@
 exemplar, sampling defaults — so `altlm generate --run DIR` needs nothing else. Writes are atomic: a temp
 folder is filled, then renamed over the old checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,11 +22,24 @@ META = "altlm.json"
 
 def run_meta(cfg, template: Template, exemplar: str, vocab_size: int, iteration: int) -> dict:
     """altlm.json of a training run's checkpoint."""
-    return {"model": cfg.model, "seed": cfg.seed, "training_mode": cfg.training_mode, "template": template.to_dict(),
-            "feedback_words": cfg.feedback_words, "exemplar": exemplar, "vocab_size": vocab_size, "iteration": iteration,
-            "scorer": cfg.scorer,
-            "sampling": {"temperature": cfg.eval_temperature, "top_p": cfg.eval_top_p, "min_new_tokens": cfg.min_new_tokens,
-                         "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": cfg.max_prompt_tokens}}
+    return {
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "training_mode": cfg.training_mode,
+        "template": template.to_dict(),
+        "feedback_words": cfg.feedback_words,
+        "exemplar": exemplar,
+        "vocab_size": vocab_size,
+        "iteration": iteration,
+        "scorer": cfg.scorer,
+        "sampling": {
+            "temperature": cfg.eval_temperature,
+            "top_p": cfg.eval_top_p,
+            "min_new_tokens": cfg.min_new_tokens,
+            "max_new_tokens": cfg.max_new_tokens,
+            "max_prompt_tokens": cfg.max_prompt_tokens,
+        },
+    }
 
 
 def save(model, tokenizer, folder: Path, meta: dict) -> None:
@@ -61,8 +75,10 @@ def load_weights(model, folder: Path, lora: bool) -> None:
             model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
             model.tie_weights()
     except (OSError, SafetensorError, RuntimeError) as e:
-        raise AltlmError(f"--resume: checkpoint '{folder}' cannot be loaded ({str(e).splitlines()[0][:120]}); "
-                         "restore it, or start a new run folder") from None
+        raise AltlmError(
+            f"--resume: checkpoint '{folder}' cannot be loaded ({str(e).splitlines()[0][:120]}); "
+            "restore it, or start a new run folder"
+        ) from None
 
 
 def read_meta(folder: Path) -> dict:
@@ -101,6 +117,8 @@ def load(folder: Path, trainable: bool = False):
             model = models.load_model(str(folder))
             model.requires_grad_(trainable)
     except (OSError, ValueError, KeyError, SafetensorError) as e:
-        raise AltlmError(f"checkpoint '{folder}' cannot be loaded ({str(e).splitlines()[0][:160]}); it may be corrupt — resume from an earlier run or retrain") from None
+        raise AltlmError(
+            f"checkpoint '{folder}' cannot be loaded ({str(e).splitlines()[0][:160]}); it may be corrupt — resume from an earlier run or retrain"
+        ) from None
     tok.padding_side = "left"
     return model, tok, meta

@@ -8,6 +8,7 @@ Scores are turned "good side up" (sign +1 where higher is better, −1 for toxic
 what the method promises". The reference under the same feedback string is the control for priming: feedback words
 move even an untrained model, so a steering claim is the trained model's effect *beyond* the reference's.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,7 @@ def _by_prompt(records: list[dict], field: str = "score") -> dict[str, list[floa
 
 
 def _dist2(completions: list[str]) -> float:
-    grams = [tuple(w[i:i + 2]) for w in (c.split() for c in completions) for i in range(len(w) - 1)]
+    grams = [tuple(w[i : i + 2]) for w in (c.split() for c in completions) for i in range(len(w) - 1)]
     return len(set(grams)) / len(grams) if grams else float("nan")
 
 
@@ -55,13 +56,14 @@ def _spearman_rows(values: np.ndarray) -> np.ndarray:
     rv = _rank_rows(values)
     rf = follow - follow.mean()
     rv = rv - rv.mean(-1, keepdims=True)
-    denom = np.sqrt((rv ** 2).sum(-1) * (rf ** 2).sum())
+    denom = np.sqrt((rv**2).sum(-1) * (rf**2).sum())
     with np.errstate(invalid="ignore", divide="ignore"):
         return (rv * rf).sum(-1) / denom
 
 
-def run_claims(records: list[dict], words: list[str], exemplar: str, higher_is_better: bool,
-               seed: int = 0, n_boot: int = N_BOOT) -> dict:
+def run_claims(
+    records: list[dict], words: list[str], exemplar: str, higher_is_better: bool, seed: int = 0, n_boot: int = N_BOOT
+) -> dict:
     """The claims of a run from its evaluation samples (eval_samples.jsonl rows): iteration 0 is the reference,
     the last iteration the final model. `words`: the feedback strings, best first (the exemplar among them)."""
     last = max(r["iteration"] for r in records)
@@ -105,8 +107,9 @@ def run_claims(records: list[dict], words: list[str], exemplar: str, higher_is_b
 
     def claim(name: str, target: str, est: float, boot: np.ndarray, level: float, holds: bool | None) -> None:
         lo, hi = _interval(boot, level)
-        claims.append({"claim": name, "target": target, "estimate": est, "interval": [lo, hi], "level": level,
-                       "holds": holds})
+        claims.append(
+            {"claim": name, "target": target, "estimate": est, "interval": [lo, hi], "level": level, "holds": holds}
+        )
 
     best, worst = words[0], words[-1]
     have = [w for w in words if ("final", w) in good]
@@ -118,7 +121,10 @@ def run_claims(records: list[dict], words: list[str], exemplar: str, higher_is_b
     gaps = {}
     for model in ("final", "reference"):
         if (model, best) in good and (model, worst) in good:
-            gaps[model] = (good[(model, best)][0] - good[(model, worst)][0], good[(model, best)][1] - good[(model, worst)][1])
+            gaps[model] = (
+                good[(model, best)][0] - good[(model, worst)][0],
+                good[(model, best)][1] - good[(model, worst)][1],
+            )
     if "final" in gaps:
         est, boot = gaps["final"]
         lo = _interval(boot, 0.99)[0]
@@ -126,27 +132,62 @@ def run_claims(records: list[dict], words: list[str], exemplar: str, higher_is_b
     if ("final", exemplar) in good:
         fe, fb = good[("final", exemplar)]
         re, rb = good[("reference", "<none>")]
-        claim("final under the exemplar - untagged reference", "95% interval > 0", fe - re, fb - rb, 0.95,
-              _interval(fb - rb, 0.95)[0] > 0)
+        claim(
+            "final under the exemplar - untagged reference",
+            "95% interval > 0",
+            fe - re,
+            fb - rb,
+            0.95,
+            _interval(fb - rb, 0.95)[0] > 0,
+        )
     if "final" in gaps and "reference" in gaps:
         est = gaps["final"][0] - gaps["reference"][0]
         boot = gaps["final"][1] - gaps["reference"][1]
-        claim("beyond priming: final gap - reference gap (same feedback)", "95% interval > 0", est, boot, 0.95,
-              _interval(boot, 0.95)[0] > 0)
+        claim(
+            "beyond priming: final gap - reference gap (same feedback)",
+            "95% interval > 0",
+            est,
+            boot,
+            0.95,
+            _interval(boot, 0.95)[0] > 0,
+        )
     if ("final", exemplar) in good and ("reference", exemplar) in good:
         fe, fb = good[("final", exemplar)]
         re, rb = good[("reference", exemplar)]
-        claim("beyond priming: final - reference, both under the exemplar", "95% interval > 0", fe - re, fb - rb, 0.95,
-              _interval(fb - rb, 0.95)[0] > 0)
+        claim(
+            "beyond priming: final - reference, both under the exemplar",
+            "95% interval > 0",
+            fe - re,
+            fb - rb,
+            0.95,
+            _interval(fb - rb, 0.95)[0] > 0,
+        )
     if ("final", exemplar) in conditions:
         fe, fb = estimate_and_boot(per_prompt(("final", exemplar), "perplexity"))
         re, rb = estimate_and_boot(per_prompt(("reference", "<none>"), "perplexity"))
         if math.isfinite(fe) and math.isfinite(re):
-            claim("perplexity ratio: final (exemplar) / untagged reference", "<= 1.5", fe / re, fb / rb, 0.95,
-                  fe / re <= 1.5)
+            claim(
+                "perplexity ratio: final (exemplar) / untagged reference",
+                "<= 1.5",
+                fe / re,
+                fb / rb,
+                0.95,
+                fe / re <= 1.5,
+            )
         fe, fb = estimate_and_boot(per_prompt(("final", exemplar), fn=_dist2))
         re, rb = estimate_and_boot(per_prompt(("reference", "<none>"), fn=_dist2))
-        claim("dist-2: final (exemplar) - untagged reference", "within ±0.02", fe - re, fb - rb, 0.95,
-              abs(fe - re) <= 0.02)
-    return {"prompts": len(prompts), "bootstrap": n_boot, "sign": "good side up (higher is better)" if sign > 0
-            else "good side up (the score negated: lower is better)", "means": means, "claims": claims}
+        claim(
+            "dist-2: final (exemplar) - untagged reference",
+            "within ±0.02",
+            fe - re,
+            fb - rb,
+            0.95,
+            abs(fe - re) <= 0.02,
+        )
+    return {
+        "prompts": len(prompts),
+        "bootstrap": n_boot,
+        "sign": "good side up (higher is better)" if sign > 0 else "good side up (the score negated: lower is better)",
+        "means": means,
+        "claims": claims,
+    }

@@ -18,6 +18,7 @@ How the model is spread (`sharding`):
 Sampling, evaluation and checkpoints need whole weights: `full()` gathers them into a plain copy (a collective
 call: every process makes it), so the sampler, the evaluator and `save_pretrained` never see a shard.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,13 +35,18 @@ from .errors import AltlmError
 def _sharding_from_accelerate() -> str:
     """What `accelerate launch --config_file configs/accelerate/<x>.yaml` asked for (its environment)."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise AltlmError("accelerate launch with a DeepSpeed config: altlm shards with FSDP instead (ZeRO-3's memory: "
-                         "configs/accelerate/fsdp.yaml; ZeRO-2's: configs/accelerate/fsdp_grad_op.yaml); relaunch with one of those")
+        raise AltlmError(
+            "accelerate launch with a DeepSpeed config: altlm shards with FSDP instead (ZeRO-3's memory: "
+            "configs/accelerate/fsdp.yaml; ZeRO-2's: configs/accelerate/fsdp_grad_op.yaml); relaunch with one of those"
+        )
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
         return "ddp"
     # FSDP2 configs say fsdp_reshard_after_forward: true/false; FSDP1 ones a strategy name or number (2 = SHARD_GRAD_OP)
-    keep = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("false", "shard_grad_op", "2") or \
-        os.environ.get("FSDP_SHARDING_STRATEGY", "").lower() in ("shard_grad_op", "2")
+    keep = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in (
+        "false",
+        "shard_grad_op",
+        "2",
+    ) or os.environ.get("FSDP_SHARDING_STRATEGY", "").lower() in ("shard_grad_op", "2")
     return "fsdp_grad_op" if keep else "fsdp"
 
 
@@ -90,15 +96,19 @@ class Processes:
 
         # Before sharding: the plain modules and buffers, each parameter (a tied one once) a meta tensor — deepcopy
         # takes them from its memo, so no weight is copied.
-        memo = {id(p): torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in model.parameters()}
+        memo = {
+            id(p): torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in model.parameters()
+        }
         self._shell = copy.deepcopy(model, memo)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         blocks = set(getattr(base, "_no_split_modules", None) or [])  # transformers' name for a decoder block class
         keep = self.sharding == "fsdp_grad_op"
         units = [m for m in base.modules() if type(m).__name__ in blocks]
         if not units and self.main:
-            print(f"warning: {type(base).__name__} names no decoder-block class (_no_split_modules): FSDP shards it as one unit, "
-                  "gathering every weight at once")
+            print(
+                f"warning: {type(base).__name__} names no decoder-block class (_no_split_modules): FSDP shards it as one unit, "
+                "gathering every weight at once"
+            )
         for m in units:
             fully_shard(m, reshard_after_forward=not keep)
         fully_shard(model, reshard_after_forward=not keep)  # the rest (embeddings, tied head, final norm)
@@ -107,7 +117,11 @@ class Processes:
     def no_sync(self, module, skip: bool):
         """DDP: skip the gradient all-reduce of a micro-batch that is not the step's last. FSDP reduce-scatters
         every micro-batch, which keeps the accumulated gradients sharded."""
-        return module.no_sync() if skip and isinstance(module, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+        return (
+            module.no_sync()
+            if skip and isinstance(module, torch.nn.parallel.DistributedDataParallel)
+            else contextlib.nullcontext()
+        )
 
     def full(self, model, everyone: bool = True):
         """A plain module with `model`'s whole current weights: `model` itself unless FSDP sharded it; then a copy

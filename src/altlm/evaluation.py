@@ -4,6 +4,7 @@ report the same numbers for the same settings.
 
 Also owns fluency: the perplexity of each completion given its prompt under a separate scoring LM.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,10 +67,14 @@ class Fluency:
         out = [float("nan")] * len(prompts)
         todo = sorted((i for i in range(len(prompts)) if targets[i]), key=lambda i: len(inputs[i]) + len(targets[i]))
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        for s in tqdm(range(0, len(todo), self.batch_size), desc=f"perplexity ({self.name})", leave=False, disable=None):
-            idx = todo[s:s + self.batch_size]
+        for s in tqdm(
+            range(0, len(todo), self.batch_size), desc=f"perplexity ({self.name})", leave=False, disable=None
+        ):
+            idx = todo[s : s + self.batch_size]
             for i, lp in zip(idx, mean_logprobs(self.model, [inputs[i] for i in idx], [targets[i] for i in idx], pad)):
-                out[i] = math.exp(min(-lp, 700.0))  # exp overflows past ~709; anything this large is over the cap anyway
+                out[i] = math.exp(
+                    min(-lp, 700.0)
+                )  # exp overflows past ~709; anything this large is over the cap anyway
         return out
 
 
@@ -86,9 +91,19 @@ class Condition:
         return self.feedback if self.feedback is not None else "<none>"
 
 
-def evaluate(model, tokenizer, template: Template, prompts: list[str], conditions: list[Condition],
-             settings: SampleSettings, scorer, suppress: list[int], seed: int, label: str,
-             fluency: Fluency | None = None) -> tuple[dict[str, dict], list[dict]]:
+def evaluate(
+    model,
+    tokenizer,
+    template: Template,
+    prompts: list[str],
+    conditions: list[Condition],
+    settings: SampleSettings,
+    scorer,
+    suppress: list[int],
+    seed: int,
+    label: str,
+    fluency: Fluency | None = None,
+) -> tuple[dict[str, dict], list[dict]]:
     """(metric block per condition key, one record per sample). `model` must be ready for sampling
     (sampler.inference_model). Every condition uses the same seed: differences come from the model and the
     feedback, not from the dice."""
@@ -97,8 +112,16 @@ def evaluate(model, tokenizer, template: Template, prompts: list[str], condition
         requests = [(c.feedback, p) for p in prompts for _ in range(c.k)]
         started = time.time()
         t0 = time.perf_counter()
-        samples = sample(model, tokenizer, template, requests, settings, suppress, seed=seed,
-                         desc=f"eval {label} [{c.feedback or 'no feedback'}]")
+        samples = sample(
+            model,
+            tokenizer,
+            template,
+            requests,
+            settings,
+            suppress,
+            seed=seed,
+            desc=f"eval {label} [{c.feedback or 'no feedback'}]",
+        )
         t1 = time.perf_counter()
         comps = [s.completion for s in samples]
         ps = [p for _, p in requests]
@@ -114,30 +137,65 @@ def evaluate(model, tokenizer, template: Template, prompts: list[str], condition
             ppl = [float("nan")] * len(requests)
             for i, v in zip(pick, got):
                 ppl[i] = v
-        blocks[c.key] = metrics.summarize(scorer.name, scores, comps, c.k, [s.truncated for s in samples],
-                                          [s.completion_tokens for s in samples], scorer.higher_is_better, ppl)
-        blocks[c.key]["seconds"] = {"sampling": round(t1 - t0, 1), "scoring": round(t2 - t1, 1),
-                                    "perplexity": round(time.perf_counter() - t2, 1)}
-        progress.phase(f"evaluation {label} [{c.feedback or 'no feedback'}]", started,
-                       samples=len(samples), **{f"{scorer.name}_mean": blocks[c.key][f"{scorer.name}_mean"]},
-                       perplexity=blocks[c.key]["perplexity"])
-        records += [{"model": label, "feedback": c.feedback, "prompt": p, "completion": comp, "score": sc,
-                     **({"perplexity": ppl[i]} if ppl else {})}
-                    for i, ((_, p), comp, sc) in enumerate(zip(requests, comps, scores))]
+        blocks[c.key] = metrics.summarize(
+            scorer.name,
+            scores,
+            comps,
+            c.k,
+            [s.truncated for s in samples],
+            [s.completion_tokens for s in samples],
+            scorer.higher_is_better,
+            ppl,
+        )
+        blocks[c.key]["seconds"] = {
+            "sampling": round(t1 - t0, 1),
+            "scoring": round(t2 - t1, 1),
+            "perplexity": round(time.perf_counter() - t2, 1),
+        }
+        progress.phase(
+            f"evaluation {label} [{c.feedback or 'no feedback'}]",
+            started,
+            samples=len(samples),
+            **{f"{scorer.name}_mean": blocks[c.key][f"{scorer.name}_mean"]},
+            perplexity=blocks[c.key]["perplexity"],
+        )
+        records += [
+            {
+                "model": label,
+                "feedback": c.feedback,
+                "prompt": p,
+                "completion": comp,
+                "score": sc,
+                **({"perplexity": ppl[i]} if ppl else {}),
+            }
+            for i, ((_, p), comp, sc) in enumerate(zip(requests, comps, scores))
+        ]
     return blocks, records
 
 
 def eval_rows(ev: dict) -> list[list[str]]:
     """`eval.json` as a table of strings, header first: what `altlm eval` prints and the report shows."""
     m = ev["metric"]
-    cols = [("k", "samples_per_prompt", ""), (f"avg max {m}", f"avg_max_{m}", ".4f"), (f"{m} prob", f"{m}_prob", ".3f"),
-            (f"{m} mean", f"{m}_mean", ".4f"), ("ppl", "perplexity", ".1f"), ("dist-1", "dist_1", ".3f"),
-            ("dist-2", "dist_2", ".3f"), ("dist-3", "dist_3", ".3f"), ("reward", "reward_mean", ".4f"),
-            ("length", "length_mean", ".1f"), ("truncated", "truncated_share", ".3f")]
+    cols = [
+        ("k", "samples_per_prompt", ""),
+        (f"avg max {m}", f"avg_max_{m}", ".4f"),
+        (f"{m} prob", f"{m}_prob", ".3f"),
+        (f"{m} mean", f"{m}_mean", ".4f"),
+        ("ppl", "perplexity", ".1f"),
+        ("dist-1", "dist_1", ".3f"),
+        ("dist-2", "dist_2", ".3f"),
+        ("dist-3", "dist_3", ".3f"),
+        ("reward", "reward_mean", ".4f"),
+        ("length", "length_mean", ".1f"),
+        ("truncated", "truncated_share", ".3f"),
+    ]
     rows = [["model", "feedback"] + [c[0] for c in cols]]
     for model, blocks in ev["results"].items():
         for fb, b in blocks.items():
-            rows.append([model, fb.replace("<none>", "(none)")] + ["–" if b[key] is None else format(b[key], f) for _, key, f in cols])
+            rows.append(
+                [model, fb.replace("<none>", "(none)")]
+                + ["–" if b[key] is None else format(b[key], f) for _, key, f in cols]
+            )
     return rows
 
 
@@ -146,13 +204,26 @@ def steerability(blocks: dict[str, dict], vocabulary: list[str], metric: str, hi
     `steered_sign` is the sign ρ and the gap have when the model follows the feedback: +1 for a metric where
     lower is better (toxicity rises from the best to the worst feedback), −1 where higher is better."""
     words = [w for w in (vocabulary or []) if w in blocks]
-    return {**metrics.steerability([blocks[w][metric] for w in words]), "metric": metric, "feedback": words,
-            "steered_sign": -1 if higher_is_better else 1}
+    return {
+        **metrics.steerability([blocks[w][metric] for w in words]),
+        "metric": metric,
+        "feedback": words,
+        "steered_sign": -1 if higher_is_better else 1,
+    }
 
 
-def likelihood_steer(model, tokenizer, template: Template, samples: list[dict], best: str, worst: str,
-                     higher_is_better: bool, max_prompt_tokens: int | None = None, batch_size: int = 32,
-                     auc_split: list[float] | None = None) -> dict:
+def likelihood_steer(
+    model,
+    tokenizer,
+    template: Template,
+    samples: list[dict],
+    best: str,
+    worst: str,
+    higher_is_better: bool,
+    max_prompt_tokens: int | None = None,
+    batch_size: int = 32,
+    auc_split: list[float] | None = None,
+) -> dict:
     """Steerability without sampling noise, on fixed scored completions (`samples`: prompt, completion, score —
     the reference's evaluation samples). Δ = log p(c | worst) − log p(c | best), per token: a model that follows
     its feedback finds the worse completions relatively likelier under the worst feedback, so Spearman(Δ, badness)
@@ -164,16 +235,26 @@ def likelihood_steer(model, tokenizer, template: Template, samples: list[dict], 
     delta = [0.0] * len(rows)
     for sign, fb in ((1, worst), (-1, best)):
         for i in range(0, len(rows), batch_size):
-            b = rows[i:i + batch_size]
+            b = rows[i : i + batch_size]
             # truncated=True everywhere: no EOS unless a sentence ended, the same target under both feedbacks
-            lps = mean_logprobs(model, [template.input_ids(tokenizer, fb, r["prompt"], max_prompt_tokens) for r in b],
-                                [template.target_ids(tokenizer, r["completion"], True) for r in b], tokenizer.pad_token_id)
+            lps = mean_logprobs(
+                model,
+                [template.input_ids(tokenizer, fb, r["prompt"], max_prompt_tokens) for r in b],
+                [template.target_ids(tokenizer, r["completion"], True) for r in b],
+                tokenizer.pad_token_id,
+            )
             for j, lp in enumerate(lps):
                 delta[i + j] += sign * lp
     badness = [-r["score"] if higher_is_better else r["score"] for r in rows]
     rho = metrics.spearman(delta, badness)
-    return {"spearman": None if rho != rho else round(rho, 4), "n": len(rows), "delta_mean": round(sum(delta) / len(delta), 4),
-            "best": best, "worst": worst, **separation(delta, [r["score"] for r in rows], higher_is_better, auc_split)}
+    return {
+        "spearman": None if rho != rho else round(rho, 4),
+        "n": len(rows),
+        "delta_mean": round(sum(delta) / len(delta), 4),
+        "best": best,
+        "worst": worst,
+        **separation(delta, [r["score"] for r in rows], higher_is_better, auc_split),
+    }
 
 
 def separation(delta: list[float], scores: list[float], higher_is_better: bool, split: list[float] | None) -> dict:
@@ -196,8 +277,16 @@ def separation(delta: list[float], scores: list[float], higher_is_better: bool, 
     return {"auc": round(wins / (len(bad) * len(clean)), 4), "auc_bad": len(bad), "auc_clean": len(clean)}
 
 
-def summarize_run(evals: list[dict], metric: str, higher_is_better: bool, exemplar: str, words: list[str],
-                  eval_prompts: int, eval_samples_per_prompt: int, wall: float) -> dict:
+def summarize_run(
+    evals: list[dict],
+    metric: str,
+    higher_is_better: bool,
+    exemplar: str,
+    words: list[str],
+    eval_prompts: int,
+    eval_samples_per_prompt: int,
+    wall: float,
+) -> dict:
     """summary.json from a run's `kind: eval` records: the untagged reference and the reference under each
     feedback (the priming control), the final model under the exemplar, untagged and under each feedback,
     steerability, the exemplar metric per iteration, and the reduction against the untagged reference."""
@@ -205,21 +294,44 @@ def summarize_run(evals: list[dict], metric: str, higher_is_better: bool, exempl
     last = [e for e in evals if e["model"] == "policy"][-1]
     final = last["by_feedback"]
     words = [w for w in words if w in final]
-    keys = [f"{metric}_mean", f"{metric}_gt_0_5", f"avg_max_{metric}", f"{metric}_prob", "dist_2", "reward_mean", "perplexity"]
+    keys = [
+        f"{metric}_mean",
+        f"{metric}_gt_0_5",
+        f"avg_max_{metric}",
+        f"{metric}_prob",
+        "dist_2",
+        "reward_mean",
+        "perplexity",
+    ]
     pick = lambda m: {k: m.get(k) for k in keys}  # noqa: E731
     summary = {
-        "wall_seconds": round(wall, 1), "metric": metric, "exemplar": exemplar, "eval_prompts": eval_prompts,
+        "wall_seconds": round(wall, 1),
+        "metric": metric,
+        "exemplar": exemplar,
+        "eval_prompts": eval_prompts,
         "eval_samples_per_prompt": eval_samples_per_prompt,
         "reference": {**pick(ref["<none>"]), "by_feedback": {w: pick(ref[w]) for w in words if w in ref}},
-        "final": {**pick(final[exemplar]), "untagged": pick(final["<none>"]) if "<none>" in final else None,
-                  "by_feedback": {w: pick(final[w]) for w in words}},
+        "final": {
+            **pick(final[exemplar]),
+            "untagged": pick(final["<none>"]) if "<none>" in final else None,
+            "by_feedback": {w: pick(final[w]) for w in words},
+        },
         "steerability": steerability(final, words, f"{metric}_mean", higher_is_better),
         "likelihood_steer": last.get("likelihood_steer"),
-        "iterations": [{"iteration": e["iteration"], f"{metric}_mean": e["by_feedback"][exemplar][f"{metric}_mean"]
-                        if exemplar in e["by_feedback"] else None, "train": e.get("train")}
-                       for e in evals if e["model"] == "policy"],
+        "iterations": [
+            {
+                "iteration": e["iteration"],
+                f"{metric}_mean": e["by_feedback"][exemplar][f"{metric}_mean"]
+                if exemplar in e["by_feedback"]
+                else None,
+                "train": e.get("train"),
+            }
+            for e in evals
+            if e["model"] == "policy"
+        ],
     }
     r, f = summary["reference"], summary["final"]
-    summary["reduction"] = {k: (1 - f[k] / r[k]) if (r[k] and f[k] is not None) else None
-                            for k in (f"{metric}_mean", f"{metric}_gt_0_5")}
+    summary["reduction"] = {
+        k: (1 - f[k] / r[k]) if (r[k] and f[k] is not None) else None for k in (f"{metric}_mean", f"{metric}_gt_0_5")
+    }
     return summary

@@ -7,6 +7,7 @@ loss = mean over generated tokens of [ −log pθ(y_t | f, x, y<t) + β·KL_t �
 - logits of tokens added for conditioning (separator, Quark tokens) are dropped before the KL/entropy
   softmax (`vocab_size` = the tokenizer's size before they were added).
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,8 @@ def _pad_targets(targets: list[list[int]], m: int, pad_id: int, device):
     mask = torch.zeros((len(targets), m), dtype=torch.bool, device=device)
     for i, t in enumerate(targets):
         if t:
-            tgt[i, m - len(t):] = torch.tensor(t, device=device)
-            mask[i, m - len(t):] = True
+            tgt[i, m - len(t) :] = torch.tensor(t, device=device)
+            mask[i, m - len(t) :] = True
     return tgt, mask
 
 
@@ -36,7 +37,7 @@ def target_hidden(model, inputs: list[list[int]], targets: list[list[int]], pad_
     m = max(len(t) for t in targets)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = causal_lm.base_model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
-    hidden = out.last_hidden_state[:, -(m + 1):-1]
+    hidden = out.last_hidden_state[:, -(m + 1) : -1]
     logits = causal_lm.get_output_embeddings()(hidden)
     tgt, mask = _pad_targets(targets, m, pad_id, ids.device)
     return hidden, logits, tgt, mask
@@ -51,8 +52,9 @@ def target_logits(model, inputs: list[list[int]], targets: list[list[int]], pad_
     dev = next(model.parameters()).device  # (a DDP wrapper has no .device)
     ids, attn, pos = ids.to(dev), attn.to(dev), pos.to(dev)
     m = max(len(t) for t in targets)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                   logits_to_keep=m + 1).logits[:, :-1]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=m + 1).logits[
+        :, :-1
+    ]
     tgt, mask = _pad_targets(targets, m, pad_id, ids.device)
     return logits, tgt, mask
 
@@ -67,10 +69,18 @@ def mean_logprobs(model, inputs: list[list[int]], targets: list[list[int]], pad_
     return ((lp * mask).sum(-1) / mask.sum(-1)).tolist()
 
 
-def alt_loss(policy_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-             ref_logits: torch.Tensor | None = None, kl_coef: float = 0.05, entropy_coef: float = 0.06,
-             kl_direction: str = "ref_policy", vocab_size: int | None = None, denominator: float | None = None,
-             ref_stats: tuple | None = None):
+def alt_loss(
+    policy_logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logits: torch.Tensor | None = None,
+    kl_coef: float = 0.05,
+    entropy_coef: float = 0.06,
+    kl_direction: str = "ref_policy",
+    vocab_size: int | None = None,
+    denominator: float | None = None,
+    ref_stats: tuple | None = None,
+):
     """Returns (loss, stats) with stats = token-level means of nll, kl, entropy (floats). The loss is the token
     mean, or the token sum / `denominator` (distributed: every process divides by the same global count).
 

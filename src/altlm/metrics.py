@@ -4,13 +4,14 @@ Scores arrive flat, `k` consecutive samples per prompt (the order the evaluator 
 Where a metric is undefined (no samples, no n-grams, every perplexity over the cap) it is NaN, which the JSON
 writers turn into null.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
 
 
 def _groups(values: Sequence, k: int) -> list[list]:
-    return [list(values[i:i + k]) for i in range(0, len(values), k)]
+    return [list(values[i : i + k]) for i in range(0, len(values), k)]
 
 
 def _scored(xs: Sequence[float]) -> list[float]:
@@ -42,7 +43,7 @@ def dist_n(completions: Sequence[str], k: int, n: int) -> float:
     Prompts whose samples have no n-gram at all are skipped."""
     vals = []
     for g in _groups(completions, k):
-        grams = [tuple(w[i:i + n]) for w in (c.split() for c in g) for i in range(len(w) - n + 1)]
+        grams = [tuple(w[i : i + n]) for w in (c.split() for c in g) for i in range(len(w) - n + 1)]
         if grams:
             vals.append(len(set(grams)) / len(grams))
     return mean(vals)
@@ -67,7 +68,9 @@ def steerability(values_by_rank: Sequence[float]) -> dict:
     ordered best feedback first (the vocabulary's order). spearman_rho = Spearman(rank, metric): +1 when every
     worse feedback string gives a higher metric (a toxicity that rises from "Lowest" to "Maximum");
     gap = metric under the worst feedback − metric under the best. Both None with fewer than two strings."""
-    pairs = [(rank, v) for rank, v in enumerate(values_by_rank) if v is not None and v == v]  # unscored strings drop out
+    pairs = [
+        (rank, v) for rank, v in enumerate(values_by_rank) if v is not None and v == v
+    ]  # unscored strings drop out
     if len(pairs) < 2:
         return {"spearman_rho": None, "gap": None}
     rho = spearman([r for r, _ in pairs], [v for _, v in pairs])
@@ -84,9 +87,16 @@ def bucket_distribution(buckets: Sequence[int | None], n_buckets: int) -> list[f
     return [c / total if total else float("nan") for c in counts]
 
 
-def summarize(name: str, scores: Sequence[float], completions: Sequence[str], k: int,
-              truncated: Sequence[bool], lengths: Sequence[int], higher_is_better: bool = False,
-              perplexities: Sequence[float] | None = None) -> dict:
+def summarize(
+    name: str,
+    scores: Sequence[float],
+    completions: Sequence[str],
+    k: int,
+    truncated: Sequence[bool],
+    lengths: Sequence[int],
+    higher_is_better: bool = False,
+    perplexities: Sequence[float] | None = None,
+) -> dict:
     """The per-condition block of metrics. Keys use the scorer's name, e.g. toxicity_mean, toxicity_gt_0_5;
     `perplexity` is None when no scoring LM was run."""
     scored = _scored(scores)
@@ -110,6 +120,7 @@ def summarize(name: str, scores: Sequence[float], completions: Sequence[str], k:
 
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
+
     def ranks(v):
         order = sorted(range(len(v)), key=lambda i: v[i])
         r = [0.0] * len(v)
@@ -122,6 +133,7 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
                 r[order[t]] = (i + j) / 2
             i = j + 1
         return r
+
     rx, ry = ranks(xs), ranks(ys)
     mx, my = mean(rx), mean(ry)
     cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))

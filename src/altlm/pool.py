@@ -13,6 +13,7 @@ Draws (method.md §3):
 - `draw_balanced`: the per-prompt regime, `per_bucket` rows per prompt and bucket, non-truncated first,
   empty buckets filled up randomly from the prompt's other rows.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,7 +89,9 @@ class Pool:
             have = {r[1] for r in self.db.execute("PRAGMA table_info(samples)")}
         except sqlite3.DatabaseError as e:
             self.db.close()
-            raise AltlmError(f"pool file '{self.path}' is not a readable SQLite pool ({e}); restore it from a backup or start a new run folder") from None
+            raise AltlmError(
+                f"pool file '{self.path}' is not a readable SQLite pool ({e}); restore it from a backup or start a new run folder"
+            ) from None
         for col, typ in (("raw", "TEXT"), ("agreement", "REAL")):  # pools written before these columns existed
             if col not in have:
                 self.db.execute(f"ALTER TABLE samples ADD COLUMN {col} {typ}")
@@ -112,12 +115,16 @@ class Pool:
 
     # ---- resumability: staged samples of the unfinished iteration, the progress record
     def stage(self, iteration: int, items: list[tuple[int, dict]]) -> None:
-        self._tx("INSERT OR REPLACE INTO staged (iteration, idx, sample) VALUES (?, ?, ?)",
-                 [(iteration, i, json.dumps(d)) for i, d in items])
+        self._tx(
+            "INSERT OR REPLACE INTO staged (iteration, idx, sample) VALUES (?, ?, ?)",
+            [(iteration, i, json.dumps(d)) for i, d in items],
+        )
 
     def stage_feedback(self, iteration: int, items: list[tuple[int, dict]]) -> None:
-        self._tx("UPDATE staged SET feedback = ? WHERE iteration = ? AND idx = ?",
-                 [(json.dumps(d), iteration, i) for i, d in items])
+        self._tx(
+            "UPDATE staged SET feedback = ? WHERE iteration = ? AND idx = ?",
+            [(json.dumps(d), iteration, i) for i, d in items],
+        )
 
     def staged(self, iteration: int) -> dict[int, tuple[dict, dict | None]]:
         """idx → (sample, feedback or None) for what the iteration already sampled (and scored)."""
@@ -135,8 +142,10 @@ class Pool:
         self._tx("INSERT OR REPLACE INTO progress (id, state) VALUES (1, ?)", [(json.dumps(state),)])
 
     def add(self, rows: list[Row]) -> None:
-        self._tx(f"INSERT INTO samples ({', '.join(_COLS)}) VALUES ({', '.join('?' * len(_COLS))})",
-                 [tuple(getattr(r, c) for c in _COLS) for r in rows])
+        self._tx(
+            f"INSERT INTO samples ({', '.join(_COLS)}) VALUES ({', '.join('?' * len(_COLS))})",
+            [tuple(getattr(r, c) for c in _COLS) for r in rows],
+        )
 
     def rows(self, where: str = "dropped_at IS NULL AND valid = 1", params: tuple = ()) -> list[Row]:
         cur = self.db.execute(f"SELECT {', '.join(_COLS)}, id FROM samples WHERE {where} ORDER BY id", params)
@@ -188,8 +197,10 @@ class Pool:
         for _ in range(4):
             cand = [rng.randint(lo, hi) for _ in range(2 * (n - len(picks)))]
             for start in range(0, len(cand), 500):  # SQLite caps the number of bound parameters
-                chunk = cand[start:start + 500]
-                found.update((r.id, r) for r in self.rows(f"id IN ({','.join('?' * len(chunk))}) AND {ACTIVE}", tuple(chunk)))
+                chunk = cand[start : start + 500]
+                found.update(
+                    (r.id, r) for r in self.rows(f"id IN ({','.join('?' * len(chunk))}) AND {ACTIVE}", tuple(chunk))
+                )
             chosen = set(picks)
             for i in cand:
                 if i in found and i not in chosen and len(picks) < n:

@@ -11,6 +11,7 @@ Resume stays exact: the entries computed since the last training snapshot are wr
 drops any written after it, so the same rows are missing at the same steps and are computed in the same batches.
 The folder is removed when the run finishes (it is needed only to resume).
 """
+
 from __future__ import annotations
 
 import os

@@ -13,6 +13,7 @@ mirrors it for people and scripts). What a kill can leave half-done, and what a 
 All randomness derives from (seed, iteration, phase, batch), so redone work repeats the uninterrupted run's
 bit for bit on CPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,19 +54,27 @@ def check(run: Path, cfg: dict, resume: bool) -> Progress:
     state_path, cfg_path, pool_path = run / "state.json", run / "config.yaml", run / "pool.sqlite"
     if not resume:
         if state_path.exists():
-            raise AltlmError(f"run folder '{run}' already holds a run; pass --resume {run} to continue it, or set output_dir= to a new folder")
+            raise AltlmError(
+                f"run folder '{run}' already holds a run; pass --resume {run} to continue it, or set output_dir= to a new folder"
+            )
         return Progress()
     if not state_path.exists() or not cfg_path.exists():
-        raise AltlmError(f"--resume: '{run}' is not an altlm run folder (no state.json/config.yaml); start it without --resume")
+        raise AltlmError(
+            f"--resume: '{run}' is not an altlm run folder (no state.json/config.yaml); start it without --resume"
+        )
     try:
         old = yaml.safe_load(cfg_path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError):
-        raise AltlmError(f"--resume: '{cfg_path}' is corrupt (not YAML); restore it or start a new run folder") from None
+        raise AltlmError(
+            f"--resume: '{cfg_path}' is corrupt (not YAML); restore it or start a new run folder"
+        ) from None
     if not isinstance(old, dict):
         raise AltlmError(f"--resume: '{cfg_path}' is not a config mapping; restore it or start a new run folder")
     diff = sorted(k for k in cfg if k != "output_dir" and old.get(k) != cfg[k])
     if diff:
-        raise AltlmError(f"--resume: '{run}' was made with a different config (keys differ: {', '.join(diff)}); resume with the same config or pick another output_dir")
+        raise AltlmError(
+            f"--resume: '{run}' was made with a different config (keys differ: {', '.join(diff)}); resume with the same config or pick another output_dir"
+        )
     # A plain connection, not Pool(): reading a cleanly closed pool changes no byte of it.
     try:
         db = sqlite3.connect(f"file:{pool_path}?mode=rw", uri=True)
@@ -75,7 +84,9 @@ def check(run: Path, cfg: dict, resume: bool) -> Progress:
             db.close()
         saved = json.loads(row[0]) if row else None
     except (sqlite3.Error, json.JSONDecodeError) as e:
-        raise AltlmError(f"--resume: the pool '{pool_path}' cannot be read ({e}); restore it or start a new run folder") from None
+        raise AltlmError(
+            f"--resume: the pool '{pool_path}' cannot be read ({e}); restore it or start a new run folder"
+        ) from None
     names = {f.name for f in fields(Progress)}
     if not isinstance(saved, dict) or set(saved) - names:
         raise AltlmError(f"--resume: the pool '{pool_path}' holds no usable progress record; start a new run folder")
@@ -154,7 +165,9 @@ def save_snapshot(run: Path, step: int, model, opt: torch.optim.Optimizer, extra
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    weights, state = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    weights, state = get_state_dict(
+        model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    )
     if not write:
         return
     final = _snapshot_dir(run, step)
@@ -183,12 +196,16 @@ def load_snapshot(run: Path, step: int, model, opt: torch.optim.Optimizer | None
         meta = json.loads((folder / "snapshot.json").read_text())
         moments = load_file(folder / "optimizer.safetensors")  # read even when not needed: a resume checks it early
     except (OSError, SafetensorError, json.JSONDecodeError) as e:
-        raise AltlmError(f"--resume: training snapshot '{folder}' cannot be read ({str(e).splitlines()[0][:120]}); "
-                         "delete the run's resume/ folder and state to restart the iteration, or start a new run") from None
+        raise AltlmError(
+            f"--resume: training snapshot '{folder}' cannot be read ({str(e).splitlines()[0][:120]}); "
+            "delete the run's resume/ folder and state to restart the iteration, or start a new run"
+        ) from None
     known = {n for n, _ in model.named_parameters()}
     unknown = [n for n in weights if n not in known]
     if unknown:
-        raise AltlmError(f"--resume: training snapshot '{folder}' holds weights this model lacks ({unknown[0]}, ...); it belongs to another run")
+        raise AltlmError(
+            f"--resume: training snapshot '{folder}' holds weights this model lacks ({unknown[0]}, ...); it belongs to another run"
+        )
     options = StateDictOptions(full_state_dict=True, strict=False)
     if opt is None:  # the trained weights only (a resume at the eval phase)
         set_model_state_dict(model, weights, options=options)
@@ -199,9 +216,13 @@ def load_snapshot(run: Path, step: int, model, opt: torch.optim.Optimizer | None
         name, k = key.rsplit(".", 1)  # AdamW's keys (step, exp_avg, exp_avg_sq) have no dot; parameter names do
         state.setdefault(name, {})[k] = value
     groups = meta.pop("param_groups")
-    for mine, saved in zip(opt.param_groups, groups):  # set_state_dict raises KeyError on a key opt lacks: the scheduler's initial_lr
+    for mine, saved in zip(
+        opt.param_groups, groups
+    ):  # set_state_dict raises KeyError on a key opt lacks: the scheduler's initial_lr
         mine.update({k: v for k, v in saved.items() if k not in mine})
-    set_state_dict(model, opt, model_state_dict=weights, optim_state_dict={"state": state, "param_groups": groups}, options=options)
+    set_state_dict(
+        model, opt, model_state_dict=weights, optim_state_dict={"state": state, "param_groups": groups}, options=options
+    )
     return meta
 
 

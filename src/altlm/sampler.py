@@ -4,6 +4,7 @@ Left padding with explicit masks, KV cache, temperature/top-p, min/max new token
 conditioning (separator, Quark tokens) are suppressed so the model never emits them. Requests are sorted by
 length so a batch wastes little padding; results come back in request order.
 """
+
 from __future__ import annotations
 
 import copy
@@ -91,8 +92,9 @@ def _nucleus_by_rejection(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out
 
 
-def draw(logits: torch.Tensor, temperature: float, top_p: float, k_first: int = 1024,
-         method: str = "reject") -> torch.Tensor:
+def draw(
+    logits: torch.Tensor, temperature: float, top_p: float, k_first: int = 1024, method: str = "reject"
+) -> torch.Tensor:
     """One token per row from softmax(logits / T) restricted to the top-p nucleus, exactly. method=reject:
     _nucleus_by_rejection. method=sort: the nucleus searched among the top `k_first` entries (a partial sort);
     rows whose nucleus is wider pay for a full sort."""
@@ -111,7 +113,9 @@ def draw(logits: torch.Tensor, temperature: float, top_p: float, k_first: int = 
 
 
 @torch.no_grad()
-def decode(model, ids, attn, settings: SampleSettings, eos: list[int], suppress: list[int], pad_id: int) -> torch.Tensor:
+def decode(
+    model, ids, attn, settings: SampleSettings, eos: list[int], suppress: list[int], pad_id: int
+) -> torch.Tensor:
     """KV-cached ancestral sampling of up to max_new_tokens per row; rows that emitted EOS are padded after it.
     A plain loop instead of `generate`: on CPU, generate's per-step processors cost several times the forward."""
     # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes away).
@@ -137,8 +141,9 @@ def decode(model, ids, attn, settings: SampleSettings, eos: list[int], suppress:
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
         pos = pos + 1
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True,
-                    **{cache_kw: out[cache_kw]})
+        out = model(
+            input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{cache_kw: out[cache_kw]}
+        )
     return torch.stack(toks, 1)
 
 
@@ -157,15 +162,28 @@ def _decode_halving(model, rows: list[list[int]], settings, eos, suppress, pad_i
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = len(rows) // 2
-        print(f"warning: out of memory sampling {len(rows)} sequences at once; going on in batches of {half} and {len(rows) - half}")
-        return (_decode_halving(model, rows[:half], settings, eos, suppress, pad_id)
-                + _decode_halving(model, rows[half:], settings, eos, suppress, pad_id))
+        print(
+            f"warning: out of memory sampling {len(rows)} sequences at once; going on in batches of {half} and {len(rows) - half}"
+        )
+        return _decode_halving(model, rows[:half], settings, eos, suppress, pad_id) + _decode_halving(
+            model, rows[half:], settings, eos, suppress, pad_id
+        )
 
 
 @torch.no_grad()
-def sample(model, tokenizer, template: Template, requests: list[tuple[str | None, str]], settings: SampleSettings,
-           suppress: list[int] | None = None, seed: int | None = None, desc: str = "sampling",
-           done: dict[int, Sample] | None = None, on_batch=None, shard: tuple[int, int] = (0, 1)) -> list[Sample]:
+def sample(
+    model,
+    tokenizer,
+    template: Template,
+    requests: list[tuple[str | None, str]],
+    settings: SampleSettings,
+    suppress: list[int] | None = None,
+    seed: int | None = None,
+    desc: str = "sampling",
+    done: dict[int, Sample] | None = None,
+    on_batch=None,
+    shard: tuple[int, int] = (0, 1),
+) -> list[Sample]:
     """requests: (feedback or None, prompt). One Sample per request, in order.
 
     With a seed, batch b draws from torch's RNG seeded by (seed, b), so a batch can be redone on its own: a resumed
@@ -183,7 +201,7 @@ def sample(model, tokenizer, template: Template, requests: list[tuple[str | None
     model.eval()
     bar = tqdm(total=len(encoded), desc=desc, leave=False, disable=None)
     for b, start in enumerate(range(0, len(order), settings.batch_size)):
-        idx = order[start:start + settings.batch_size]
+        idx = order[start : start + settings.batch_size]
         if b % shard[1] != shard[0] or all(out[i] is not None for i in idx):
             bar.update(len(idx))
             continue
@@ -193,8 +211,12 @@ def sample(model, tokenizer, template: Template, requests: list[tuple[str | None
         for i, toks in zip(idx, new):
             ended = next((j for j, t in enumerate(toks) if t in eos), None)
             body = toks if ended is None else toks[:ended]
-            out[i] = Sample(completion=tokenizer.decode(body, skip_special_tokens=True), truncated=ended is None,
-                            prompt_tokens=len(encoded[i]), completion_tokens=len(body))
+            out[i] = Sample(
+                completion=tokenizer.decode(body, skip_special_tokens=True),
+                truncated=ended is None,
+                prompt_tokens=len(encoded[i]),
+                completion_tokens=len(body),
+            )
         if on_batch is not None:
             on_batch([(i, out[i]) for i in idx])
         bar.update(len(idx))

@@ -11,6 +11,7 @@ before any generation: a prompt longer than the model's context is refused (400 
 than truncated, a body is read within `read_timeout` seconds (408 after) and one announced over `max_body` bytes is
 refused unread (413), so no client can hold a thread or make the server drop a connection.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,16 +48,30 @@ class ChatModel:
             ids = tok("\n\n".join(m["content"] for m in messages) + "\n\n", add_special_tokens=True).input_ids
         if self.max_prompt_tokens is None:
             return ids
-        return ids[-self.max_prompt_tokens:]  # keep the end: the question being asked
+        return ids[-self.max_prompt_tokens :]  # keep the end: the question being asked
 
-    def complete(self, conversations: list[list[dict]], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_tokens: int = 128, seed: int | None = None) -> tuple[list[list[tuple[str, str]]], dict]:
+    def complete(
+        self,
+        conversations: list[list[dict]],
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 128,
+        seed: int | None = None,
+    ) -> tuple[list[list[tuple[str, str]]], dict]:
         """For each conversation, n (text, finish_reason) answers; and usage token counts. Temperature 0 is greedy."""
         return self.complete_ids([self.encode(c) for c in conversations], n, temperature, top_p, max_tokens, seed)
 
     @torch.no_grad()
-    def complete_ids(self, prompts: list[list[int]], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                     max_tokens: int = 128, seed: int | None = None) -> tuple[list[list[tuple[str, str]]], dict]:
+    def complete_ids(
+        self,
+        prompts: list[list[int]],
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 128,
+        seed: int | None = None,
+    ) -> tuple[list[list[tuple[str, str]]], dict]:
         """complete() for prompts already encoded (the server encodes once to check the context)."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
@@ -76,11 +91,10 @@ class ChatModel:
             body = toks if end is None else toks[:end]
             completion_tokens += len(body)
             answers.append((tok.decode(body, skip_special_tokens=True).strip(), "length" if end is None else "stop"))
-        grouped = [answers[i * n:(i + 1) * n] for i in range(len(prompts))]
+        grouped = [answers[i * n : (i + 1) * n] for i in range(len(prompts))]
         usage = {"prompt_tokens": sum(len(e) for e in encoded[::n]), "completion_tokens": completion_tokens}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return grouped, usage
-
 
     def choose(self, conversations: list[list[dict]], options: list[str], batch_size: int = 16) -> list[int]:
         """For each conversation, the index of the option the model finds most likely as its reply (mean token
@@ -95,7 +109,7 @@ class ChatModel:
         means: list[float] = []
         with self.lock:
             for s in range(0, len(pairs), batch_size):
-                chunk = pairs[s:s + batch_size]
+                chunk = pairs[s : s + batch_size]
                 means += mean_logprobs(self.model, [a for a, _ in chunk], [b for _, b in chunk], pad)
         k = len(options)
         return [max(range(k), key=lambda j: means[i * k + j]) for i in range(len(conversations))]
@@ -149,10 +163,12 @@ def _messages(req: dict) -> list[dict]:
             raise BadRequest(400, f"{where} must be an object with 'role' and 'content'", where)
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str) or role not in ROLES:  # a list or an object would not even hash
-            raise BadRequest(400, f"{where}.role must be one of {sorted(ROLES)}, got {json.dumps(role)}",
-                             f"{where}.role")
-        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                             and isinstance(p.get("text"), str) for p in content):
+            raise BadRequest(
+                400, f"{where}.role must be one of {sorted(ROLES)}, got {json.dumps(role)}", f"{where}.role"
+            )
+        if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+        ):
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise BadRequest(400, f"{where}.content must be a string or a list of text parts", f"{where}.content")
@@ -180,8 +196,14 @@ def make_handler(chat: ChatModel, read_timeout: float = 30.0, max_body: int = 4 
             self.end_headers()
             self.wfile.write(data)
 
-        def _error(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                   kind: str = "invalid_request_error") -> None:
+        def _error(
+            self,
+            status: int,
+            message: str,
+            param: str | None = None,
+            code: str | None = None,
+            kind: str = "invalid_request_error",
+        ) -> None:
             self._send(status, {"error": {"message": message, "type": kind, "param": param, "code": code}})
 
         def send_error(self, code, message=None, explain=None):
@@ -220,8 +242,9 @@ def make_handler(chat: ChatModel, read_timeout: float = 30.0, max_body: int = 4 
                     got += len(chunk)
             except TimeoutError:
                 self.close_connection = True
-                raise BadRequest(408, f"request body not received within {read_timeout:g} s "
-                                      f"({got} of {size} bytes)") from None
+                raise BadRequest(
+                    408, f"request body not received within {read_timeout:g} s ({got} of {size} bytes)"
+                ) from None
             finally:
                 self.connection.settimeout(read_timeout)
             return b"".join(parts)
@@ -265,7 +288,7 @@ def make_handler(chat: ChatModel, read_timeout: float = 30.0, max_body: int = 4 
             top_p = _float_param(req, "top_p", 1.0, 0.0, 1.0)
             if top_p == 0.0:
                 raise BadRequest(400, "'top_p' must be above 0", "top_p", "invalid_value")
-            seed = _int_param(req, "seed", None, -(2 ** 63), 2 ** 64 - 1)  # the range torch.manual_seed takes
+            seed = _int_param(req, "seed", None, -(2**63), 2**64 - 1)  # the range torch.manual_seed takes
             try:
                 ids = chat.encode(messages)
             except Exception as e:  # noqa: BLE001 — a chat template may refuse a role order (e.g. two system turns)
@@ -274,26 +297,47 @@ def make_handler(chat: ChatModel, read_timeout: float = 30.0, max_body: int = 4 
             if max_tokens is None:  # as OpenAI: what the context leaves (at least 1), here capped to keep answers quick
                 max_tokens = 128 if context is None else max(1, min(128, context - len(ids)))
             if context is not None and len(ids) + max_tokens > context:
-                raise BadRequest(400, f"This model's maximum context length is {context} tokens. However, you "
-                                      f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the messages, "
-                                      f"{max_tokens} in the completion). Please reduce the length of the messages "
-                                      f"or completion.", "messages", "context_length_exceeded")
+                raise BadRequest(
+                    400,
+                    f"This model's maximum context length is {context} tokens. However, you "
+                    f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the messages, "
+                    f"{max_tokens} in the completion). Please reduce the length of the messages "
+                    f"or completion.",
+                    "messages",
+                    "context_length_exceeded",
+                )
             return dict(ids=ids, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
 
         def _complete(self, a: dict) -> None:
-            answers, usage = chat.complete_ids([a["ids"]], a["n"], a["temperature"], a["top_p"], a["max_tokens"],
-                                               a["seed"])
-            self._send(200, {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
-                "model": chat.name, "usage": usage,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": fin}
-                            for i, (text, fin) in enumerate(answers[0])]})
+            answers, usage = chat.complete_ids(
+                [a["ids"]], a["n"], a["temperature"], a["top_p"], a["max_tokens"], a["seed"]
+            )
+            self._send(
+                200,
+                {
+                    "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": chat.name,
+                    "usage": usage,
+                    "choices": [
+                        {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": fin}
+                        for i, (text, fin) in enumerate(answers[0])
+                    ],
+                },
+            )
 
     return Handler
 
 
-def serve(name: str, host: str = "127.0.0.1", port: int = 8000, dtype=None, read_timeout: float = 30.0,
-          max_body: int = 4 << 20) -> ThreadingHTTPServer:
+def serve(
+    name: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    dtype=None,
+    read_timeout: float = 30.0,
+    max_body: int = 4 << 20,
+) -> ThreadingHTTPServer:
     """A started server (in a daemon thread); `server.server_address` has the bound port (port 0 = any free).
     The whole prompt is kept (no truncation): one over the model's context is refused, as OpenAI's servers do."""
     chat = ChatModel(name, dtype, max_prompt_tokens=None)

@@ -16,6 +16,7 @@ phrases right before the answer. The prompt is still its own token span (and the
 With no feedback (iteration 1, the reference model, `--model` generation) the input is just ids(prompt).
 `bos_token` (e.g. SmolLM2's "<|endoftext|>") goes first in every input, conditioned or not.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,13 +37,26 @@ class Template:
 
     @classmethod
     def from_config(cls, cfg) -> "Template":
-        return cls(cfg.template, cfg.prefix_format, cfg.separator_token, cfg.completion_prefix, cfg.eos_rule, cfg.prompt_format,
-                   cfg.bos_token)
+        return cls(
+            cfg.template,
+            cfg.prefix_format,
+            cfg.separator_token,
+            cfg.completion_prefix,
+            cfg.eos_rule,
+            cfg.prompt_format,
+            cfg.bos_token,
+        )
 
     def to_dict(self) -> dict:
-        return dict(style=self.style, prefix_format=self.prefix_format, separator_token=self.separator_token,
-                    completion_prefix=self.completion_prefix, eos_rule=self.eos_rule, prompt_format=self.prompt_format,
-                    bos_token=self.bos_token)
+        return dict(
+            style=self.style,
+            prefix_format=self.prefix_format,
+            separator_token=self.separator_token,
+            completion_prefix=self.completion_prefix,
+            eos_rule=self.eos_rule,
+            prompt_format=self.prompt_format,
+            bos_token=self.bos_token,
+        )
 
     def new_tokens(self, vocabulary: list[str]) -> tuple[list[str], str]:
         """Tokens this template adds to the tokenizer, and how their embeddings start (models.add_tokens)."""
@@ -70,7 +84,9 @@ class Template:
             return []
         return _ids(tokenizer, self.prefix_format.split("{prompt}", 1)[1].replace("{feedback}", feedback))
 
-    def input_ids(self, tokenizer, feedback: str | None, prompt: str, max_prompt_tokens: int | None = None) -> list[int]:
+    def input_ids(
+        self, tokenizer, feedback: str | None, prompt: str, max_prompt_tokens: int | None = None
+    ) -> list[int]:
         p = _ids(tokenizer, self.prompt_format.replace("{prompt}", prompt))  # replace, not format: prompts hold braces
         if max_prompt_tokens and len(p) > max_prompt_tokens:
             p = p[-max_prompt_tokens:]  # keep the end: it is what the model continues
@@ -111,7 +127,7 @@ def left_pad(seqs: list[list[int]], pad_id: int):
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            attn[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            attn[i, width - len(s) :] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     return ids, attn, pos

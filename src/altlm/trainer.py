@@ -9,6 +9,7 @@ Run folder (`output_dir`):
 A run killed at any moment resumes (`--resume`) where it stopped, redoing only unsaved work, and ends exactly as
 an uninterrupted run would have: how is runfolder.py's concern.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,7 +50,9 @@ class ALTTrainer:
         self.tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
         self.vocab_size = len(self.tokenizer)  # logits beyond this belong to conditioning tokens
         if cfg.bos_token and cfg.bos_token not in self.tokenizer.get_vocab():
-            raise AltlmError(f"config key 'bos_token': {cfg.bos_token!r} is not a token of {cfg.model}'s tokenizer (SmolLM2: '<|endoftext|>'; '' = none)")
+            raise AltlmError(
+                f"config key 'bos_token': {cfg.bos_token!r} is not a token of {cfg.model}'s tokenizer (SmolLM2: '<|endoftext|>'; '' = none)"
+            )
         self.procs = Processes(cfg.sharding)  # one, or several under torchrun / accelerate launch (distributed.py)
         self.tracker = open_trackers(cfg.report_to, self.run, cfg.to_dict())
         if cfg.threads:
@@ -57,7 +60,9 @@ class ALTTrainer:
         torch.manual_seed(cfg.seed)
         self.prompts = load_prompts(cfg)
         if cfg.seed_pool and not self.prompts.continuations:
-            raise AltlmError("seed_pool needs prompts with known continuations (prompts: fortunes...); set seed_pool=false for prompt files")
+            raise AltlmError(
+                "seed_pool needs prompts with known continuations (prompts: fortunes...); set seed_pool=false for prompt files"
+            )
         self.template = Template.from_config(cfg)
         self.feedback, self.scorer = build_feedback(cfg, models.cache_root())
         # buckets: the feedback vocabulary (RM quantiles, LMC categories), or LMU's scores 3..0
@@ -69,11 +74,21 @@ class ALTTrainer:
         # Full/top-fraction training needs a frozen copy as reference; LoRA gets it free by disabling the adapter.
         self.ref_model = None
         if cfg.training_mode != "lora" or (cfg.reference_model and cfg.reference_model != cfg.model):
-            ref = copy.deepcopy(base) if not cfg.reference_model else models.load_model(cfg.reference_model, cfg.trust_remote_code, seed=cfg.seed)
+            ref = (
+                copy.deepcopy(base)
+                if not cfg.reference_model
+                else models.load_model(cfg.reference_model, cfg.trust_remote_code, seed=cfg.seed)
+            )
             models.add_tokens(ref, self.tokenizer, new, init)
             self.ref_model = ref.eval().requires_grad_(False)
-        lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
-                    layers=cfg.lora_layers, train_new_tokens=cfg.template == "quark")
+        lora = dict(
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules,
+            layers=cfg.lora_layers,
+            train_new_tokens=cfg.template == "quark",
+        )
         self.model = models.prepare_for_training(base, cfg.training_mode, cfg.top_fraction, lora, self.added_ids)
         models.contiguous_lm_head(self.model)
         models.check_context(base, cfg.model, cfg.max_prompt_tokens + cfg.max_new_tokens)
@@ -100,13 +115,23 @@ class ALTTrainer:
         self.procs.wait()
         if not self.procs.main:
             self.pool = Pool(self.run / "pool.sqlite")
-        self.global_step = sum('"kind": "step"' in line for line in open(self.run / "metrics.jsonl")) if (self.run / "metrics.jsonl").exists() else 0
-        self.train_settings = SampleSettings(
-            temperature=cfg.temperature, top_p=cfg.top_p,
-            min_new_tokens=cfg.min_new_tokens, max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.sample_batch_size, max_prompt_tokens=cfg.max_prompt_tokens, top_p_method=cfg.top_p_method,
+        self.global_step = (
+            sum('"kind": "step"' in line for line in open(self.run / "metrics.jsonl"))
+            if (self.run / "metrics.jsonl").exists()
+            else 0
         )
-        self.eval_settings = dataclasses.replace(self.train_settings, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
+        self.train_settings = SampleSettings(
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            min_new_tokens=cfg.min_new_tokens,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.sample_batch_size,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            top_p_method=cfg.top_p_method,
+        )
+        self.eval_settings = dataclasses.replace(
+            self.train_settings, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p
+        )
 
     # ------------------------------------------------------------------ run folder
     def save_progress(self, **changes) -> None:
@@ -121,8 +146,14 @@ class ALTTrainer:
         """The reference cache where it is exact and one process trains (refcache.py); None: the reference forward."""
         cfg = self.cfg
         head = self.model.get_output_embeddings()
-        exact = (cfg.training_mode == "lora" and cfg.kl_coef != 0.0 and cfg.reference_input == "prompt"
-                 and cfg.kl_direction == "ref_policy" and not head.weight.requires_grad and head.bias is None)
+        exact = (
+            cfg.training_mode == "lora"
+            and cfg.kl_coef != 0.0
+            and cfg.reference_input == "prompt"
+            and cfg.kl_direction == "ref_policy"
+            and not head.weight.requires_grad
+            and head.bias is None
+        )
         if not (cfg.reference_cache and exact and self.procs.world == 1):
             return None
         cache = ReferenceCache(self.run)
@@ -152,7 +183,9 @@ class ALTTrainer:
 
             # 1. Sample: the reference unconditioned first, then the policy under the exemplar feedback.
             exemplars = [] if (it == 1 or not cfg.use_feedback) else self.exemplars()
-            prompt_ids = rng.sample(range(len(self.prompts.train)), min(cfg.prompts_per_iteration, len(self.prompts.train)))
+            prompt_ids = rng.sample(
+                range(len(self.prompts.train)), min(cfg.prompts_per_iteration, len(self.prompts.train))
+            )
             requests = [(pid, self.prompts.train[pid]) for pid in prompt_ids for _ in range(cfg.samples_per_prompt)]
             # LMU spreads its several exemplar sentences over the prompts; RM/LMC have one exemplar.
             conditioned = [(rng.choice(exemplars) if exemplars else None, p) for _, p in requests]
@@ -168,8 +201,12 @@ class ALTTrainer:
                 started = time.time()
                 fbs = self.score_staged(it, requests, samples, {i: Feedback(**f) for i, (_, f) in staged.items() if f})
                 scores = [f.score for f in fbs if f.score is not None and f.score == f.score]
-                progress.phase(f"iteration {it} feedback", started, scored=len(scores),
-                               mean_score=metrics.mean(scores) if scores else None)
+                progress.phase(
+                    f"iteration {it} feedback",
+                    started,
+                    scored=len(scores),
+                    mean_score=metrics.mean(scores) if scores else None,
+                )
 
                 # 3. Pool: the main process commits the samples and their feedback (and re-cuts the quantiles).
                 if self.procs.main:
@@ -182,17 +219,34 @@ class ALTTrainer:
             if self.progress.phase == "train":
                 started = time.time()
                 train_stats = self.train_phase(it)
-                progress.phase(f"iteration {it} training", started, steps=train_stats["steps"],
-                               examples=train_stats["examples"], loss=train_stats["loss"], kl=train_stats["kl"])
-                self.save_progress(phase="eval", step=train_stats["steps"], record={**self.progress.record, "train": train_stats})
+                progress.phase(
+                    f"iteration {it} training",
+                    started,
+                    steps=train_stats["steps"],
+                    examples=train_stats["examples"],
+                    loss=train_stats["loss"],
+                    kl=train_stats["kl"],
+                )
+                self.save_progress(
+                    phase="eval", step=train_stats["steps"], record={**self.progress.record, "train": train_stats}
+                )
                 if self.procs.main:
                     runfolder.prune_snapshots(self.run, keep=train_stats["steps"])
 
             # 5. Evaluate on held-out prompts; at the end under every feedback string (main process only).
-            last, full = it == cfg.iterations, self.procs.full(self.model, everyone=False)  # (FSDP: None but on the main process)
+            last, full = (
+                it == cfg.iterations,
+                self.procs.full(self.model, everyone=False),
+            )  # (FSDP: None but on the main process)
             if self.procs.main:
-                checkpoint.save(full, self.tokenizer, self.run / "checkpoint",
-                                checkpoint.run_meta(cfg, self.template, (self.exemplars() or [cfg.exemplar_text])[0], self.vocab_size, it))
+                checkpoint.save(
+                    full,
+                    self.tokenizer,
+                    self.run / "checkpoint",
+                    checkpoint.run_meta(
+                        cfg, self.template, (self.exemplars() or [cfg.exemplar_text])[0], self.vocab_size, it
+                    ),
+                )
                 every = last or bool(cfg.steer_eval_every and it % cfg.steer_eval_every == 0)  # under every feedback
                 if every or it % cfg.eval_every == 0:
                     words = self.eval_words()  # LMU: the sentences come from the pool, which has grown
@@ -228,8 +282,14 @@ class ALTTrainer:
         exemplar = (self.exemplars() or ["<none>"])[0]
         words = self.feedback.vocabulary or self.eval_words()
         summary = evaluation.summarize_run(
-            evals, self.scorer.name, self.scorer.higher_is_better, exemplar, words,
-            len(self.prompts.eval), cfg.eval_samples_per_prompt, wall,
+            evals,
+            self.scorer.name,
+            self.scorer.higher_is_better,
+            exemplar,
+            words,
+            len(self.prompts.eval),
+            cfg.eval_samples_per_prompt,
+            wall,
         )
         records = [json.loads(line) for line in open(self.run / "eval_samples.jsonl")]
         eval_words = [w for w in words if w in summary["final"]["by_feedback"]]
@@ -237,15 +297,34 @@ class ALTTrainer:
             summary["claims"] = claims.run_claims(records, eval_words, exemplar, self.scorer.higher_is_better, cfg.seed)
         evaluation.write_json(self.run / "summary.json", summary)
 
-    def commit_pool(self, it: int, rng: random.Random, requests, samples: list[Sample], fbs: list[Feedback], judge_before) -> dict:
+    def commit_pool(
+        self, it: int, rng: random.Random, requests, samples: list[Sample], fbs: list[Feedback], judge_before
+    ) -> dict:
         """Step 3 (main process): in one transaction with the progress record, flush (per drop_factor), add the
         iteration's samples, re-cut quantiles over the active pool, drop the staged copies; log the pool record."""
         cfg = self.cfg
         with self.pool.transaction():
             self.pool.flush(cfg.drop_factor, rng, it)
-            self.pool.add([Row(it, pid, p, s.completion, f.text, f.score, f.bucket, s.truncated, s.prompt_tokens,
-                               s.completion_tokens, f.valid, f.raw, f.agreement)
-                           for (pid, p), s, f in zip(requests, samples, fbs)])
+            self.pool.add(
+                [
+                    Row(
+                        it,
+                        pid,
+                        p,
+                        s.completion,
+                        f.text,
+                        f.score,
+                        f.bucket,
+                        s.truncated,
+                        s.prompt_tokens,
+                        s.completion_tokens,
+                        f.valid,
+                        f.raw,
+                        f.agreement,
+                    )
+                    for (pid, p), s, f in zip(requests, samples, fbs)
+                ]
+            )
             active = self.pool.rows()
             if self.feedback.relative:
                 buckets, texts = self.feedback.rebucket([r.score for r in active], [r.prompt_id for r in active])
@@ -255,15 +334,26 @@ class ALTTrainer:
             self.pool.unstage(it)
             new_buckets = [b for r, b in zip(active, buckets) if r.iteration == it]
             agreements = [f.agreement for f in fbs if f.agreement is not None]
-            record = {"pool_size": len(active), "sample_score_mean": metrics.mean([f.score for f in fbs if f.score is not None]),
-                      "bucket_counts": [buckets.count(b) for b in range(self.n_buckets)],
-                      "new_bucket_distribution": metrics.bucket_distribution(new_buckets, self.n_buckets),
-                      "invalid": sum(not f.valid for f in fbs), "agreement_mean": metrics.mean(agreements) if agreements else None}
+            record = {
+                "pool_size": len(active),
+                "sample_score_mean": metrics.mean([f.score for f in fbs if f.score is not None]),
+                "bucket_counts": [buckets.count(b) for b in range(self.n_buckets)],
+                "new_bucket_distribution": metrics.bucket_distribution(new_buckets, self.n_buckets),
+                "invalid": sum(not f.valid for f in fbs),
+                "agreement_mean": metrics.mean(agreements) if agreements else None,
+            }
             if judge_before is not None:
                 record["judge"] = self.feedback.judge.stats.minus(judge_before)
             evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "iteration", "iteration": it, **record}])
             self.save_progress(phase="train", step=0, record=record)
-        self.track(it, {"pool/score_mean": record["sample_score_mean"], "pool/size": record["pool_size"], "pool/invalid": record["invalid"]})
+        self.track(
+            it,
+            {
+                "pool/score_mean": record["sample_score_mean"],
+                "pool/size": record["pool_size"],
+                "pool/invalid": record["invalid"],
+            },
+        )
         return record
 
     def sample_round(self, it: int, conditioned: list, done: dict[int, Sample]) -> list[Sample]:
@@ -273,15 +363,32 @@ class ALTTrainer:
         model = self.procs.full(self.ref_model if (it == 1 and self.ref_model is not None) else self.model)
         seed = self.cfg.seed * 100_003 + it
         if self.vllm is None:
-            out = sample(inference_model(model, self.amp, owned=model not in (self.model, self.ref_model)), self.tokenizer, self.template, conditioned, self.train_settings,
-                         self.added_ids, seed=seed, desc=f"iter {it} sampling", done=done, shard=(self.procs.rank, self.procs.world),
-                         on_batch=(lambda b: self._stage(it, b)) if self.procs.main else None)
+            out = sample(
+                inference_model(model, self.amp, owned=model not in (self.model, self.ref_model)),
+                self.tokenizer,
+                self.template,
+                conditioned,
+                self.train_settings,
+                self.added_ids,
+                seed=seed,
+                desc=f"iter {it} sampling",
+                done=done,
+                shard=(self.procs.rank, self.procs.world),
+                on_batch=(lambda b: self._stage(it, b)) if self.procs.main else None,
+            )
             return self._gathered(it, out, self._stage)
         self.vllm.sync(model, self.tokenizer)
         self.vllm.check(model, self.tokenizer, self.template, conditioned[:8], self.train_settings)
         todo = [i for i in range(len(conditioned)) if i not in done]
-        new = self.vllm.sample(self.tokenizer, self.template, [conditioned[i] for i in todo], self.train_settings,
-                               self.added_ids, seed, indices=todo)  # per-request seeds by index: a resume draws alike
+        new = self.vllm.sample(
+            self.tokenizer,
+            self.template,
+            [conditioned[i] for i in todo],
+            self.train_settings,
+            self.added_ids,
+            seed,
+            indices=todo,
+        )  # per-request seeds by index: a resume draws alike
         self._stage(it, list(zip(todo, new)))
         done = {**done, **dict(zip(todo, new))}
         return [done[i] for i in range(len(conditioned))]
@@ -323,7 +430,7 @@ class ALTTrainer:
         """What the policy is sampled and evaluated under: the exemplar (RM, LMC), or LMU's `lmu_exemplars` commonest best-score sentences."""
         if self.feedback.vocabulary is not None:
             return [self.cfg.exemplar_text]
-        return self.pool.common_feedback(best=True)[:self.cfg.lmu_exemplars]
+        return self.pool.common_feedback(best=True)[: self.cfg.lmu_exemplars]
 
     def eval_words(self) -> list[str]:
         """Feedback evaluated at the end, best first: the vocabulary (RM, LMC; `eval_feedback` filters it) or LMU's commonest best/worst."""
@@ -340,9 +447,24 @@ class ALTTrainer:
             prompts, tok = [self.prompts.train[i] for i in pids], self.tokenizer
             texts = [self.prompts.continuations[p] for p in prompts]
             # token counts as the sampler records them: conditioned input (none here) and the body without EOS
-            self.pool.add([Row(0, pid, p, c, None, f.score, None, len(c.split()) >= CONTINUATION_WORDS,
-                               len(self.template.input_ids(tok, None, p)), len(tok(c, add_special_tokens=False).input_ids), f.valid)
-                           for pid, p, c, f in zip(pids, prompts, texts, self.feedback(prompts, texts))])
+            self.pool.add(
+                [
+                    Row(
+                        0,
+                        pid,
+                        p,
+                        c,
+                        None,
+                        f.score,
+                        None,
+                        len(c.split()) >= CONTINUATION_WORDS,
+                        len(self.template.input_ids(tok, None, p)),
+                        len(tok(c, add_special_tokens=False).input_ids),
+                        f.valid,
+                    )
+                    for pid, p, c, f in zip(pids, prompts, texts, self.feedback(prompts, texts))
+                ]
+            )
         self.procs.wait()
 
     def train_phase(self, it: int) -> dict:
@@ -355,11 +477,14 @@ class ALTTrainer:
         else:
             rows = self.pool.draw_balanced(cfg.per_bucket, self.n_buckets, rng, group=True)
             if cfg.train_steps:
-                rows = rows[:cfg.train_steps * cfg.batch_size]
+                rows = rows[: cfg.train_steps * cfg.batch_size]
         steps = math.ceil(len(rows) / cfg.batch_size)
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        totals, t0 = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0, "reference_forward_rows": 0}, time.time()
+        totals, t0 = (
+            {"loss": 0.0, "nll": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0, "reference_forward_rows": 0},
+            time.time(),
+        )
         if start:
             totals = runfolder.load_snapshot(self.run, start, self.model, opt)["totals"]
         elif cfg.lr_schedule != "iteration" and it > 1:
@@ -367,17 +492,19 @@ class ALTTrainer:
             runfolder.load_optimizer_carry(self.run, self.model, opt)
             torch.manual_seed(cfg.seed * 100_003 + it)  # the carry holds the previous phase's RNG state
         schedule = self.lr_multiplier(steps, offset=0 if cfg.lr_schedule == "iteration" else (it - 1) * cfg.train_steps)
-        for group in opt.param_groups:  # the carry holds the last step's decayed rate; the schedule starts from the peak
+        for (
+            group
+        ) in opt.param_groups:  # the carry holds the last step's decayed rate; the schedule starts from the peak
             group["lr"] = group["initial_lr"] = cfg.learning_rate
         # last_epoch: the schedule goes on at the resumed step
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule, last_epoch=start - 1)
         self.model.train()
         tok, bad, world = self.tokenizer, 0, self.procs.world
         for step in tqdm(range(start, steps), desc=f"iter {it} training", leave=False, disable=None):
-            batch = rows[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            batch = rows[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             # Several processes: every N-th row each, in as many passes as the first (largest) share, as FSDP gathers
             # weights in every pass; a pass past a process's rows (or a batch shorter than N) takes a filler row, weight 0.
-            mine, first = batch[self.procs.rank::world], len(batch[::world])
+            mine, first = batch[self.procs.rank :: world], len(batch[::world])
             # Token sums over the whole batch's token count, × N as DDP/FSDP average gradients: the update is one
             # process's step on the whole batch, however processes and micro-batches split it.
             denom = sum(len(self.template.target_ids(tok, r.completion, bool(r.truncated))) for r in batch) / world
@@ -385,30 +512,41 @@ class ALTTrainer:
             misses_before = self.refcache.misses if self.refcache is not None else 0
             for j in range(0, first, micro):  # gradient accumulation; DDP all-reduces once, at the last part
                 with self.procs.no_sync(self.ddp, skip=j + micro < first):
-                    self.micro_step(mine[j:j + micro] or batch[:1], denom, int(bool(mine[j:j + micro])), acc)
+                    self.micro_step(mine[j : j + micro] or batch[:1], denom, int(bool(mine[j : j + micro])), acc)
             acc = self.procs.sum(acc)  # (one process: as is) all take or skip the step together
             if self.refcache is not None:
-                totals["reference_forward_rows"] = totals.get("reference_forward_rows", 0) + self.refcache.misses - misses_before
+                totals["reference_forward_rows"] = (
+                    totals.get("reference_forward_rows", 0) + self.refcache.misses - misses_before
+                )
             n = max(acc[4], 1)
-            loss_value, stats = acc[0] / world, {"nll": acc[1] / n, "kl": acc[2] / n, "entropy": acc[3] / n, "tokens": int(acc[4])}
+            loss_value, stats = (
+                acc[0] / world,
+                {"nll": acc[1] / n, "kl": acc[2] / n, "entropy": acc[3] / n, "tokens": int(acc[4])},
+            )
             if acc[5]:
                 opt.zero_grad(set_to_none=True)
                 bad += 1
                 print(f"warning: iteration {it} step {step}: non-finite loss, batch skipped")
                 if bad >= cfg.max_nonfinite_steps:
-                    raise AltlmError(f"training diverged: {bad} non-finite losses in a row (iteration {it}, step {step}); "
-                                     "lower learning_rate or set precision=fp32, and start a new run folder")
+                    raise AltlmError(
+                        f"training diverged: {bad} non-finite losses in a row (iteration {it}, step {step}); "
+                        "lower learning_rate or set precision=fp32, and start a new run folder"
+                    )
             else:  # (a skipped step still reaches the snapshot below: the phase's last one must be written)
                 bad = 0
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                for k, v in zip(("loss", "nll", "kl", "entropy", "tokens"), (loss_value * acc[4], *acc[1:4], int(acc[4]))):
+                for k, v in zip(
+                    ("loss", "nll", "kl", "entropy", "tokens"), (loss_value * acc[4], *acc[1:4], int(acc[4]))
+                ):
                     totals[k] += v
                 record = {"loss": loss_value, **stats, "lr": sched.get_last_lr()[0]}
                 if self.procs.main:
-                    evaluation.append_jsonl(self.run / "metrics.jsonl", [{"kind": "step", "iteration": it, "step": step, **record}])
+                    evaluation.append_jsonl(
+                        self.run / "metrics.jsonl", [{"kind": "step", "iteration": it, "step": step, **record}]
+                    )
                 self.track(self.global_step, {f"train/{k}": v for k, v in record.items()})
                 self.global_step += 1
             runfolder.failpoint("train")
@@ -423,8 +561,14 @@ class ALTTrainer:
         n = max(totals["tokens"], 1)
         # rows whose reference statistics this phase computed; the other drawn rows reused them
         cache = {"reference_forward_rows": totals["reference_forward_rows"]} if self.refcache is not None else {}
-        return {"steps": steps, "examples": len(rows), "seconds": round(time.time() - t0, 2), **cache,
-                **{k: totals[k] / n for k in ("loss", "nll", "kl", "entropy")}, "tokens": totals["tokens"]}
+        return {
+            "steps": steps,
+            "examples": len(rows),
+            "seconds": round(time.time() - t0, 2),
+            **cache,
+            **{k: totals[k] / n for k in ("loss", "nll", "kl", "entropy")},
+            "tokens": totals["tokens"],
+        }
 
     def lr_multiplier(self, steps: int, offset: int):
         """The learning-rate factor at step i of this phase. iteration: warmup over `warmup_ratio` of the phase's
@@ -445,7 +589,10 @@ class ALTTrainer:
     def micro_step(self, batch, denom: float, weight: int, acc: list[float]) -> None:
         """Forward, ALT loss and backward of one micro-batch (gradients accumulate); adds its sums to `acc`."""
         cfg, tok = self.cfg, self.tokenizer
-        inputs = [self.template.input_ids(tok, r.feedback if cfg.use_feedback else None, r.prompt, cfg.max_prompt_tokens) for r in batch]
+        inputs = [
+            self.template.input_ids(tok, r.feedback if cfg.use_feedback else None, r.prompt, cfg.max_prompt_tokens)
+            for r in batch
+        ]
         targets = [self.template.target_ids(tok, r.completion, bool(r.truncated)) for r in batch]
         autocast = torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
         ref_logits = ref_stats = None
@@ -457,13 +604,36 @@ class ALTTrainer:
         else:
             with autocast:
                 logits, tgt, mask = target_logits(self.ddp, inputs, targets, tok.pad_token_id)
-                ref_in = inputs if cfg.reference_input == "conditioned" else [self.template.input_ids(tok, None, r.prompt, cfg.max_prompt_tokens) for r in batch]
+                ref_in = (
+                    inputs
+                    if cfg.reference_input == "conditioned"
+                    else [self.template.input_ids(tok, None, r.prompt, cfg.max_prompt_tokens) for r in batch]
+                )
                 ref_logits = self.reference_logits(ref_in, targets) if cfg.kl_coef else None
-        loss, stats = alt_loss(logits, tgt, mask, ref_logits, cfg.kl_coef, cfg.entropy_coef, cfg.kl_direction,
-                               self.vocab_size, denom, ref_stats=ref_stats)
+        loss, stats = alt_loss(
+            logits,
+            tgt,
+            mask,
+            ref_logits,
+            cfg.kl_coef,
+            cfg.entropy_coef,
+            cfg.kl_direction,
+            self.vocab_size,
+            denom,
+            ref_stats=ref_stats,
+        )
         (loss * weight).backward()  # even when non-finite: under DDP every process must reach the all-reduce
         n = stats["tokens"] * weight
-        for i, v in enumerate((loss.item() * weight, stats["nll"] * n, stats["kl"] * n, stats["entropy"] * n, n, not math.isfinite(loss.item()))):
+        for i, v in enumerate(
+            (
+                loss.item() * weight,
+                stats["nll"] * n,
+                stats["kl"] * n,
+                stats["entropy"] * n,
+                n,
+                not math.isfinite(loss.item()),
+            )
+        ):
             acc[i] += v
 
     @torch.no_grad()
@@ -477,12 +647,15 @@ class ALTTrainer:
         ref_targets = [targets[i] for i in missing]
         model = self.ref_model if self.ref_model is not None else self.model
         adapter_off = self.model.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
-        with adapter_off, torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+        with (
+            adapter_off,
+            torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
+        ):
             _, logits, _, mask = target_hidden(model, ref_in, ref_targets, tok.pad_token_id)
-        log_q = torch.log_softmax(logits[mask].float()[:, :self.vocab_size], -1)
+        log_q = torch.log_softmax(logits[mask].float()[:, : self.vocab_size], -1)
         q = log_q.exp()
         negentropy = (q * log_q).sum(-1)
-        head = self.model.get_output_embeddings().weight[:self.vocab_size].float()
+        head = self.model.get_output_embeddings().weight[: self.vocab_size].float()
         mean_embedding = q @ head  # Wᵀq per token: [tokens, D]
         start = 0
         for i, t in zip(missing, ref_targets):
@@ -493,7 +666,9 @@ class ALTTrainer:
     @torch.no_grad()
     def reference_logits(self, inputs, targets):  # LoRA without a separate reference: the base is the adapter disabled
         with contextlib.nullcontext() if self.ref_model is not None else self.model.disable_adapter():
-            return target_logits(self.model if self.ref_model is None else self.ref_model, inputs, targets, self.tokenizer.pad_token_id)[0]
+            return target_logits(
+                self.model if self.ref_model is None else self.ref_model, inputs, targets, self.tokenizer.pad_token_id
+            )[0]
 
     # ------------------------------------------------------------------ evaluation
     def reference_conditions(self, words: list[str]) -> list[str | None]:
@@ -508,31 +683,56 @@ class ALTTrainer:
         """How one feedback string is evaluated: its samples per prompt, and whether the perplexity model scores it."""
         cfg = self.cfg
         middle = feedback is not None and feedback not in (words[:1] + words[-1:])
-        k = cfg.eval_middle_samples_per_prompt if (middle and cfg.eval_middle_samples_per_prompt) else cfg.eval_samples_per_prompt
+        k = (
+            cfg.eval_middle_samples_per_prompt
+            if (middle and cfg.eval_middle_samples_per_prompt)
+            else cfg.eval_samples_per_prompt
+        )
         fluency = True
         if cfg.eval_conditions == "claims":  # the claims compare the untagged reference with the final exemplar
             fluency = feedback is None if it == 0 else feedback == cfg.exemplar_text
         return evaluation.Condition(feedback, k, fluency)
 
-    def evaluate(self, it: int, conditions: list[str | None], label: str, extra: dict | None = None, model=None) -> dict:
+    def evaluate(
+        self, it: int, conditions: list[str | None], label: str, extra: dict | None = None, model=None
+    ) -> dict:
         cfg, model = self.cfg, self.procs.full(model or self.model, everyone=False)  # (collective under FSDP)
         if not self.procs.main:
             return {}
-        im = inference_model(model, self.amp, owned=model not in (self.model, self.ref_model))  # (FSDP: the gathered copy)
+        im = inference_model(
+            model, self.amp, owned=model not in (self.model, self.ref_model)
+        )  # (FSDP: the gathered copy)
         words = [w for w in conditions if w is not None]
-        blocks, records = evaluation.evaluate(im, self.tokenizer, self.template, self.prompts.eval,
-            [self.condition(it, fb, words) for fb in conditions], self.eval_settings,
-            self.scorer, self.added_ids, cfg.seed + 7, label, self.fluency)
+        blocks, records = evaluation.evaluate(
+            im,
+            self.tokenizer,
+            self.template,
+            self.prompts.eval,
+            [self.condition(it, fb, words) for fb in conditions],
+            self.eval_settings,
+            self.scorer,
+            self.added_ids,
+            cfg.seed + 7,
+            label,
+            self.fluency,
+        )
         evaluation.append_jsonl(self.run / "eval_samples.jsonl", [{"iteration": it, **r} for r in records])
         runfolder.failpoint("eval")
         record = {"kind": "eval", "iteration": it, "model": label, "by_feedback": blocks, **(extra or {})}
         if len(words) >= 2:  # under several feedback strings: also the noise-free check on the reference's texts
             ref = [r for r in map(json.loads, open(self.run / "eval_samples.jsonl")) if r["iteration"] == 0]
             if cfg.likelihood_texts:  # an even spread over the reference's conditions and prompts
-                ref = ref[::max(1, len(ref) // cfg.likelihood_texts)][:cfg.likelihood_texts]
+                ref = ref[:: max(1, len(ref) // cfg.likelihood_texts)][: cfg.likelihood_texts]
             record["likelihood_steer"] = evaluation.likelihood_steer(
-                im, self.tokenizer, self.template, ref, words[0], words[-1], self.scorer.higher_is_better,
-                cfg.max_prompt_tokens, auc_split=cfg.likelihood_auc_split,
+                im,
+                self.tokenizer,
+                self.template,
+                ref,
+                words[0],
+                words[-1],
+                self.scorer.higher_is_better,
+                cfg.max_prompt_tokens,
+                auc_split=cfg.likelihood_auc_split,
             )
         evaluation.append_jsonl(self.run / "metrics.jsonl", [record])
         self.track(it, {f"eval/{label}/{k}/{m}": v for k, b in blocks.items() for m, v in b.items()})

@@ -19,6 +19,7 @@ max_prompt_tokens + max_new_tokens + FEEDBACK_ROOM), so vLLM never sizes its KV 
 `engine=` takes a stand-in for the `vllm` module (LLM, SamplingParams): tests/test_vllm_sampler.py runs everything
 but vLLM's own kernels on the CPU that way, and runs the real engine where a GPU and vLLM are.
 """
+
 from __future__ import annotations
 
 import gc
@@ -62,20 +63,31 @@ def is_truncated(finish_reason: str | None) -> bool:
         return False
     if finish_reason == "length":
         return True
-    raise AltlmError(f"vLLM ended a request with finish_reason={finish_reason!r} (not 'stop' or 'length'): the engine "
-                     "aborted it; use sampler=hf and report this with your vLLM version")
+    raise AltlmError(
+        f"vLLM ended a request with finish_reason={finish_reason!r} (not 'stop' or 'length'): the engine "
+        "aborted it; use sampler=hf and report this with your vLLM version"
+    )
 
 
 class VLLMSampler:
-    def __init__(self, folder: Path, gpu_memory_utilization: float = 0.3, seed: int = 0, *,
-                 trust_remote_code: bool = False, max_model_len: int = 0, engine=None,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        gpu_memory_utilization: float = 0.3,
+        seed: int = 0,
+        *,
+        trust_remote_code: bool = False,
+        max_model_len: int = 0,
+        engine=None,
+        dtype: torch.dtype | None = None,
+    ):
         if engine is None:
             try:
                 import vllm as engine
             except ImportError:
-                raise AltlmError("sampler=vllm needs vLLM: install it as docs/gpu.md says (on a CUDA machine), "
-                                 "or set sampler=hf") from None
+                raise AltlmError(
+                    "sampler=vllm needs vLLM: install it as docs/gpu.md says (on a CUDA machine), or set sampler=hf"
+                ) from None
             if not torch.cuda.is_available():
                 raise AltlmError("sampler=vllm needs a CUDA GPU; this machine has none: set sampler=hf")
         if dtype is None:
@@ -90,11 +102,17 @@ class VLLMSampler:
         if cfg.sampler != "vllm":
             return None
         if processes > 1:
-            raise AltlmError("sampler=vllm runs in one process (it has the GPU to itself); launch without torchrun, "
-                             "or set sampler=hf")
-        return cls(Path(run) / "vllm-weights", cfg.vllm_gpu_memory_utilization, cfg.seed,
-                   trust_remote_code=cfg.trust_remote_code,
-                   max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens + FEEDBACK_ROOM)
+            raise AltlmError(
+                "sampler=vllm runs in one process (it has the GPU to itself); launch without torchrun, "
+                "or set sampler=hf"
+            )
+        return cls(
+            Path(run) / "vllm-weights",
+            cfg.vllm_gpu_memory_utilization,
+            cfg.seed,
+            trust_remote_code=cfg.trust_remote_code,
+            max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens + FEEDBACK_ROOM,
+        )
 
     # ------------------------------------------------------------------ engine lifetime
     def sync(self, model, tokenizer) -> None:
@@ -126,19 +144,29 @@ class VLLMSampler:
         length = max(needed, self.min_model_len)
         if self.context:
             if needed > self.context:
-                raise AltlmError(f"a request needs {needed} tokens (prompt + max_new_tokens), more than the model's "
-                                 f"context of {self.context}; lower max_prompt_tokens or max_new_tokens")
+                raise AltlmError(
+                    f"a request needs {needed} tokens (prompt + max_new_tokens), more than the model's "
+                    f"context of {self.context}; lower max_prompt_tokens or max_new_tokens"
+                )
             length = min(length, self.context)
         self.close()
-        kwargs = dict(model=str(self.folder), dtype=str(self.dtype).removeprefix("torch."),
-                      gpu_memory_utilization=self.memory, seed=self.seed % 2**32,  # (numpy's seed limit)
-                      enforce_eager=True, max_model_len=length, trust_remote_code=self.trust_remote_code)
+        kwargs = dict(
+            model=str(self.folder),
+            dtype=str(self.dtype).removeprefix("torch."),
+            gpu_memory_utilization=self.memory,
+            seed=self.seed % 2**32,  # (numpy's seed limit)
+            enforce_eager=True,
+            max_model_len=length,
+            trust_remote_code=self.trust_remote_code,
+        )
         try:
             self.llm = self.engine.LLM(**kwargs)
         except Exception as e:  # noqa: BLE001 — vLLM's start-up errors (memory, dtype) become one line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise AltlmError(f"vLLM could not start on {self.folder} ({first}); free GPU memory or lower "
-                             f"vllm_gpu_memory_utilization (now {self.memory}), or set sampler=hf") from None
+            raise AltlmError(
+                f"vLLM could not start on {self.folder} ({first}); free GPU memory or lower "
+                f"vllm_gpu_memory_utilization (now {self.memory}), or set sampler=hf"
+            ) from None
         self.llm_len = length
         return self.llm
 
@@ -162,18 +190,42 @@ class VLLMSampler:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         return [start]
 
-    def _generate(self, prompts: list[list[int]], settings: SampleSettings, tokenizer, suppress: list[int],
-                  seeds: list[int], logprobs: int | None = None):
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        settings: SampleSettings,
+        tokenizer,
+        suppress: list[int],
+        seeds: list[int],
+        logprobs: int | None = None,
+    ):
         llm = self._engine(max(len(p) for p in prompts) + settings.max_new_tokens)
-        params = [self.engine.SamplingParams(n=1, temperature=settings.temperature, top_p=settings.top_p,
-                                             max_tokens=settings.max_new_tokens, min_tokens=settings.min_new_tokens,
-                                             stop_token_ids=stop_ids(tokenizer), seed=s, logprobs=logprobs,
-                                             logit_bias={t: -100.0 for t in suppress} or None)
-                  for s in seeds]
+        params = [
+            self.engine.SamplingParams(
+                n=1,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                max_tokens=settings.max_new_tokens,
+                min_tokens=settings.min_new_tokens,
+                stop_token_ids=stop_ids(tokenizer),
+                seed=s,
+                logprobs=logprobs,
+                logit_bias={t: -100.0 for t in suppress} or None,
+            )
+            for s in seeds
+        ]
         return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
-    def sample(self, tokenizer, template: Template, requests: list[tuple[str | None, str]], settings: SampleSettings,
-               suppress: list[int] | None = None, seed: int = 0, indices: list[int] | None = None) -> list[Sample]:
+    def sample(
+        self,
+        tokenizer,
+        template: Template,
+        requests: list[tuple[str | None, str]],
+        settings: SampleSettings,
+        suppress: list[int] | None = None,
+        seed: int = 0,
+        indices: list[int] | None = None,
+    ) -> list[Sample]:
         """One Sample per request, in order. `indices`: each request's index in the round's full list (a resumed
         round passes only the unfinished ones), which picks its random stream. Ends the sampling phase: the engine
         is shut down so that training has the GPU."""
@@ -185,8 +237,13 @@ class VLLMSampler:
             raise AltlmError(f"internal: {len(indices)} request indices for {len(requests)} requests")
         encoded = [template.input_ids(tokenizer, fb, p, settings.max_prompt_tokens) for fb, p in requests]
         try:
-            outs = self._generate([self._prompt(e, tokenizer) for e in encoded], settings, tokenizer, suppress or [],
-                                  [request_seed(seed, i) for i in indices])
+            outs = self._generate(
+                [self._prompt(e, tokenizer) for e in encoded],
+                settings,
+                tokenizer,
+                suppress or [],
+                [request_seed(seed, i) for i in indices],
+            )
         finally:
             self.close()
         out = []
@@ -195,23 +252,44 @@ class VLLMSampler:
             toks = list(c.token_ids)
             truncated = is_truncated(c.finish_reason)
             body = toks if truncated else toks[:-1]  # a clean stop ends with its stopping token
-            out.append(Sample(completion=tokenizer.decode(body, skip_special_tokens=True), truncated=truncated,
-                              prompt_tokens=len(e), completion_tokens=len(body)))
+            out.append(
+                Sample(
+                    completion=tokenizer.decode(body, skip_special_tokens=True),
+                    truncated=truncated,
+                    prompt_tokens=len(e),
+                    completion_tokens=len(body),
+                )
+            )
         return out
 
     @torch.no_grad()
-    def check(self, model, tokenizer, template: Template, requests: list[tuple[str | None, str]],
-              settings: SampleSettings, tolerance: float = TOLERANCE) -> float:
+    def check(
+        self,
+        model,
+        tokenizer,
+        template: Template,
+        requests: list[tuple[str | None, str]],
+        settings: SampleSettings,
+        tolerance: float = TOLERANCE,
+    ) -> float:
         """Mean |log p_vLLM − log p_policy| over the sampled tokens of a few requests, the policy run as the same
         weights vLLM loaded (inference_model's merged, cast copy, in eval mode); stops the run above `tolerance`
         or when vLLM returned nothing to compare. The engine stays up for `sample`."""
         from .loss import target_logits
 
-        prompts = [self._prompt(template.input_ids(tokenizer, fb, p, settings.max_prompt_tokens), tokenizer)
-                   for fb, p in requests]
+        prompts = [
+            self._prompt(template.input_ids(tokenizer, fb, p, settings.max_prompt_tokens), tokenizer)
+            for fb, p in requests
+        ]
         # temperature 1, top-p 1: the tokens are drawn from the distribution whose log-probabilities are compared
-        outs = self._generate(prompts, SampleSettings(1.0, 1.0, 1, settings.max_new_tokens), tokenizer, [],
-                              [request_seed(self.seed, -1 - i) for i in range(len(prompts))], logprobs=0)
+        outs = self._generate(
+            prompts,
+            SampleSettings(1.0, 1.0, 1, settings.max_new_tokens),
+            tokenizer,
+            [],
+            [request_seed(self.seed, -1 - i) for i in range(len(prompts))],
+            logprobs=0,
+        )
         ref = inference_model(model, self.dtype)
         gaps = []
         for p, r in zip(prompts, outs):
@@ -227,12 +305,16 @@ class VLLMSampler:
         del ref
         self._free()
         if not gaps:
-            raise AltlmError(f"vLLM returned no sampled tokens with log-probabilities for the {len(prompts)} check "
-                             "requests, so nothing shows it samples the trained weights; use sampler=hf and report "
-                             "this with your vLLM version")
+            raise AltlmError(
+                f"vLLM returned no sampled tokens with log-probabilities for the {len(prompts)} check "
+                "requests, so nothing shows it samples the trained weights; use sampler=hf and report "
+                "this with your vLLM version"
+            )
         gap = sum(gaps) / len(gaps)
         if gap > tolerance:
-            raise AltlmError(f"vLLM's log-probabilities differ from the policy's by {gap:.3f} nats per token on "
-                             f"average over {len(gaps)} tokens after the weight sync (tolerance {tolerance}): vLLM is "
-                             "not sampling the trained weights; use sampler=hf and report this with your vLLM version")
+            raise AltlmError(
+                f"vLLM's log-probabilities differ from the policy's by {gap:.3f} nats per token on "
+                f"average over {len(gaps)} tokens after the weight sync (tolerance {tolerance}): vLLM is "
+                "not sampling the trained weights; use sampler=hf and report this with your vLLM version"
+            )
         return gap

@@ -1,4 +1,5 @@
 """The feedback-provider interface: what every scorer and feedback source returns."""
+
 from __future__ import annotations
 
 import threading

@@ -5,6 +5,7 @@ TensorFlow), reading the Keras `Tokenizer` pickle safely and caching it as JSON,
 Keras `texts_to_sequences` + `pad_sequences`, rebuilding the Keras 3 BiLSTM in torch from the h5
 weights, and the `JigsawToxicity` scorer.
 """
+
 from __future__ import annotations
 
 import collections

@@ -10,6 +10,7 @@
 
 API keys are read from the environment variable the config names and are never stored or logged.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,7 +66,9 @@ class JudgeStats:
         """The counts accumulated since `before` (an earlier as_dict()), e.g. one iteration's share."""
         now = self.as_dict()
         out = {k: v - before[k] for k, v in now.items() if k != "errors"}
-        out["errors"] = {k: v - before["errors"].get(k, 0) for k, v in now["errors"].items() if v - before["errors"].get(k, 0)}
+        out["errors"] = {
+            k: v - before["errors"].get(k, 0) for k, v in now["errors"].items() if v - before["errors"].get(k, 0)
+        }
         return out
 
 
@@ -84,7 +87,7 @@ class Cache:
         out = {}
         with self.lock:
             for i in range(0, len(keys), 500):
-                chunk = keys[i:i + 500]
+                chunk = keys[i : i + 500]
                 q = f"SELECT key, answers FROM answers WHERE key IN ({','.join('?' * len(chunk))})"
                 out.update({k: json.loads(a) for k, a in self.db.execute(q, chunk)})
         return out
@@ -115,12 +118,16 @@ class Judge:
     def _openai_client(self):
         s = self.s
         if not s.base_url:
-            raise AltlmError("judge_backend=openai needs judge_base_url (e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1)")
+            raise AltlmError(
+                "judge_backend=openai needs judge_base_url (e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1)"
+            )
         key = "not-needed"
         if s.api_key_env:
             key = os.environ.get(s.api_key_env, "")
             if not key:
-                raise AltlmError(f"the judge's API key variable {s.api_key_env} is not set; export it (or set judge_api_key_env= to the variable that holds the key)")
+                raise AltlmError(
+                    f"the judge's API key variable {s.api_key_env} is not set; export it (or set judge_api_key_env= to the variable that holds the key)"
+                )
         try:
             from openai import OpenAI
         except ImportError:
@@ -129,7 +136,9 @@ class Judge:
         try:
             client.with_options(timeout=min(s.timeout, 10.0)).models.list()
         except Exception as e:  # noqa: BLE001 — any failure here means the endpoint cannot be used
-            raise AltlmError(f"judge endpoint {s.base_url} is unreachable or refused the key ({type(e).__name__}); start the server or fix judge_base_url") from None
+            raise AltlmError(
+                f"judge endpoint {s.base_url} is unreachable or refused the key ({type(e).__name__}); start the server or fix judge_base_url"
+            ) from None
         return client
 
     def _add(self, error: str | None = None, **counts: int) -> None:
@@ -149,13 +158,16 @@ class Judge:
             self._limit.wait()
             self._add(requests=1)
             try:
-                r = self._client.chat.completions.create(model=s.model, messages=messages, temperature=s.temperature,
-                                                          max_tokens=s.max_tokens)
+                r = self._client.chat.completions.create(
+                    model=s.model, messages=messages, temperature=s.temperature, max_tokens=s.max_tokens
+                )
                 text = r.choices[0].message.content
                 if not isinstance(text, str):
                     raise ValueError("answer without text")
                 if r.usage:
-                    self._add(prompt_tokens=r.usage.prompt_tokens or 0, completion_tokens=r.usage.completion_tokens or 0)
+                    self._add(
+                        prompt_tokens=r.usage.prompt_tokens or 0, completion_tokens=r.usage.completion_tokens or 0
+                    )
                 return text
             except openai.APIStatusError as e:
                 self._add(f"http_{e.status_code}")
@@ -169,7 +181,7 @@ class Judge:
                 self._add("unreadable")
             if attempt < s.max_retries:
                 self._add(retries=1)
-                time.sleep(min(30.0, s.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.5))
+                time.sleep(min(30.0, s.backoff_base * 2**attempt) * random.uniform(0.5, 1.5))
         return None
 
     def _ask_endpoint(self, messages: list[dict]) -> list[str] | None:
@@ -179,8 +191,20 @@ class Judge:
     # ------------------------------------------------------------------ the public call
     def key(self, prompt: str, completion: str) -> str:
         s = self.s
-        raw = json.dumps([s.backend, s.model, s.base_url if s.backend == "openai" else None, self.template_hash,
-                          prompt, completion, s.samples, s.temperature, s.max_tokens, s.choices])
+        raw = json.dumps(
+            [
+                s.backend,
+                s.model,
+                s.base_url if s.backend == "openai" else None,
+                self.template_hash,
+                prompt,
+                completion,
+                s.samples,
+                s.temperature,
+                s.max_tokens,
+                s.choices,
+            ]
+        )
         return hashlib.sha256(raw.encode()).hexdigest()
 
     def ask(self, questions: list[list[dict]], keys: list[str]) -> list[list[str] | None]:
@@ -195,15 +219,16 @@ class Judge:
                     out[i] = answers
         else:
             for start in range(0, len(todo), 16):  # in-process: batched generation, 16 questions at a time
-                idx = todo[start:start + 16]
+                idx = todo[start : start + 16]
                 if self.s.choices:
                     picks = self._chat.choose([questions[i] for i in idx], self.s.choices)
                     self.stats.requests += len(idx)
                     for i, j in zip(idx, picks):
                         out[i] = [self.s.choices[j]] * self.s.samples  # deterministic: every ask agrees
                     continue
-                answers, usage = self._chat.complete([questions[i] for i in idx], self.s.samples, self.s.temperature,
-                                                     1.0, self.s.max_tokens)
+                answers, usage = self._chat.complete(
+                    [questions[i] for i in idx], self.s.samples, self.s.temperature, 1.0, self.s.max_tokens
+                )
                 self.stats.requests += len(idx)
                 self.stats.prompt_tokens += usage["prompt_tokens"]
                 self.stats.completion_tokens += usage["completion_tokens"]
@@ -215,7 +240,9 @@ class Judge:
             elif self.cache:
                 self.cache.put(keys[i], out[i])
         s = self.s
-        self.stats.cost = (self.stats.prompt_tokens * s.price_per_1k_prompt + self.stats.completion_tokens * s.price_per_1k_completion) / 1000
+        self.stats.cost = (
+            self.stats.prompt_tokens * s.price_per_1k_prompt + self.stats.completion_tokens * s.price_per_1k_completion
+        ) / 1000
         return out
 
     def close(self) -> None:

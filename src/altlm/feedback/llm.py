@@ -11,6 +11,7 @@
 The provider also acts as the run's `Scorer` for evaluation: LMC scores a category by its rank
 ((K−1−index)/(K−1): 1 = best), LMU by the judge's 0–3 score; an unscorable sample scores NaN (left out).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -47,7 +48,9 @@ def read_template(spec: str, kind: str) -> tuple[str, str]:
     need = ["{prompt}", "{completion}"] + (["{categories}"] if kind == "lmc" else [])
     missing = [n for n in need if n not in text]
     if missing:
-        raise AltlmError(f"judge template '{path}' lacks the placeholder(s) {', '.join(missing)}; a {kind} template needs {', '.join(need)}")
+        raise AltlmError(
+            f"judge template '{path}' lacks the placeholder(s) {', '.join(missing)}; a {kind} template needs {', '.join(need)}"
+        )
     return text, hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -78,7 +81,9 @@ def parse_lmu(answer: str) -> tuple[str, int] | None:
     if not f or not s:
         return None
     sentence = f.group(1).strip().strip("*\"'“”` ").strip()
-    sentence = re.split(r"\s+score\s*\**\s*[:：]", sentence, flags=re.I)[0].strip()  # "Feedback: … Score: 2" on one line
+    sentence = re.split(r"\s+score\s*\**\s*[:：]", sentence, flags=re.I)[
+        0
+    ].strip()  # "Feedback: … Score: 2" on one line
     words = sentence.split()
     if not words:
         return None
@@ -91,8 +96,15 @@ class LLMFeedback:
     relative = False
     higher_is_better = True
 
-    def __init__(self, kind: str, judge_settings: JudgeSettings, template: str, categories: Sequence[str] | None,
-                 cache_path: Path | None, min_agreement: float = 0.0):
+    def __init__(
+        self,
+        kind: str,
+        judge_settings: JudgeSettings,
+        template: str,
+        categories: Sequence[str] | None,
+        cache_path: Path | None,
+        min_agreement: float = 0.0,
+    ):
         self.kind, self.min_agreement = kind, min_agreement
         self.name = "judge"
         self.categories = list(categories or [])
@@ -118,8 +130,14 @@ class LLMFeedback:
             best = Counter(ok).most_common(1)[0][0]
             agreement = got.count(best) / len(answers)
             k = len(self.categories)
-            return Feedback(self.categories[best], (k - 1 - best) / (k - 1), best,
-                            valid=agreement >= self.min_agreement, raw=raw, agreement=agreement)
+            return Feedback(
+                self.categories[best],
+                (k - 1 - best) / (k - 1),
+                best,
+                valid=agreement >= self.min_agreement,
+                raw=raw,
+                agreement=agreement,
+            )
         got = [parse_lmu(a) for a in answers]
         ok = [g for g in got if g is not None]
         if not ok:
@@ -127,7 +145,9 @@ class LLMFeedback:
         median = sorted(s for _, s in ok)[(len(ok) - 1) // 2]
         sentence = next(t for t, s in ok if s == median)
         agreement = sum(1 for g in got if g is not None and g[1] == median) / len(answers)
-        return Feedback(sentence, float(median), 3 - median, valid=agreement >= self.min_agreement, raw=raw, agreement=agreement)
+        return Feedback(
+            sentence, float(median), 3 - median, valid=agreement >= self.min_agreement, raw=raw, agreement=agreement
+        )
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[Feedback]:
         questions = [self._question(p, c) for p, c in zip(prompts, completions)]

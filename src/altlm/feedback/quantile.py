@@ -4,6 +4,7 @@ Quantiles are *relative*: a sample's words depend on the other samples, so the t
 pool after every sampling round — over the whole pool (`global`, the toxicity/Quark regime) or within each
 prompt's samples (`per_prompt`, the TL;DR regime).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -63,6 +64,7 @@ class QuantileFeedback:
 
     def rebucket(self, scores: Sequence[float], prompt_ids: Sequence[int]) -> tuple[list[int], list[str]]:
         k, hib = len(self.vocabulary), self.scorer.higher_is_better
-        buckets = (quantile_buckets(scores, k, hib) if self.mode == "global"
-                   else grouped_buckets(scores, prompt_ids, k, hib))
+        buckets = (
+            quantile_buckets(scores, k, hib) if self.mode == "global" else grouped_buckets(scores, prompt_ids, k, hib)
+        )
         return buckets, [self.vocabulary[b] for b in buckets]

@@ -14,6 +14,7 @@
 A text a scorer cannot score (Perspective's unsupported language, retries exhausted) scores NaN: the quantile
 provider marks such samples invalid, so they are never trained on, and metrics leave them out.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -46,8 +47,13 @@ def _encoded_batches(scorer, prompts: Sequence[str], completions: Sequence[str])
     """(prompt, completion) rendered with the scorer's text_format, tokenised batch by batch onto its device."""
     texts = [render(scorer.text_format, p, c) for p, c in zip(prompts, completions)]
     for s in range(0, len(texts), scorer.batch_size):
-        yield scorer.tokenizer(texts[s:s + scorer.batch_size], return_tensors="pt", padding=True, truncation=True,
-                               max_length=scorer.max_tokens).to(scorer.device)
+        yield scorer.tokenizer(
+            texts[s : s + scorer.batch_size],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=scorer.max_tokens,
+        ).to(scorer.device)
 
 
 def _device_and_dtype():
@@ -64,7 +70,9 @@ def _tokenizer(name: str, trust_remote_code: bool, side: str):
 
     from .. import models
 
-    tok = models._hub_guard(name, AutoTokenizer.from_pretrained, models.resolve(name), trust_remote_code=trust_remote_code)
+    tok = models._hub_guard(
+        name, AutoTokenizer.from_pretrained, models.resolve(name), trust_remote_code=trust_remote_code
+    )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = side
@@ -75,26 +83,52 @@ def _tokenizer(name: str, trust_remote_code: bool, side: str):
 class HFClassifierScorer:
     """Score = one output of a sequence-classification model on `text_format(prompt, completion)`."""
 
-    def __init__(self, model: str, label: str | None = None, index: int = 0, activation: str = "none",
-                 name: str = "reward", higher_is_better: bool = True, text_format: str = "{prompt}{completion}",
-                 batch_size: int = 16, max_tokens: int = 512, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        model: str,
+        label: str | None = None,
+        index: int = 0,
+        activation: str = "none",
+        name: str = "reward",
+        higher_is_better: bool = True,
+        text_format: str = "{prompt}{completion}",
+        batch_size: int = 16,
+        max_tokens: int = 512,
+        trust_remote_code: bool = False,
+    ):
         from transformers import AutoModelForSequenceClassification
 
         from .. import models
 
         self.name, self.higher_is_better = name, higher_is_better
-        self.text_format, self.batch_size, self.max_tokens, self.activation = text_format, batch_size, max_tokens, activation
+        self.text_format, self.batch_size, self.max_tokens, self.activation = (
+            text_format,
+            batch_size,
+            max_tokens,
+            activation,
+        )
         self.device, dtype = _device_and_dtype()
         self.tokenizer = _tokenizer(model, trust_remote_code, "right")
-        self.model = models._hub_guard(model, AutoModelForSequenceClassification.from_pretrained, models.resolve(model),
-                                       dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.model = (
+            models._hub_guard(
+                model,
+                AutoModelForSequenceClassification.from_pretrained,
+                models.resolve(model),
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
+            .to(self.device)
+            .eval()
+        )
         if self.model.config.pad_token_id is None:  # the pooling finds the last real token through the pad id
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         n = self.model.config.num_labels
         if label is not None:
             label2id = {str(k): int(v) for k, v in (self.model.config.label2id or {}).items()}
             if label not in label2id:
-                raise AltlmError(f"reward_label {label!r} is not a label of '{model}' (its labels: {', '.join(sorted(label2id))}); set reward_label= or reward_index=")
+                raise AltlmError(
+                    f"reward_label {label!r} is not a label of '{model}' (its labels: {', '.join(sorted(label2id))}); set reward_label= or reward_index="
+                )
             index = label2id[label]
         if not 0 <= index < n:
             raise AltlmError(f"reward_index {index} is out of range for '{model}', which has {n} output(s)")
@@ -132,7 +166,9 @@ def read_state_dict(spec: str) -> dict:
         try:
             path = Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
         except Exception as e:  # noqa: BLE001 -- offline, missing repo, missing file: all end the same way
-            raise AltlmError(f"reward_head '{spec}' could not be fetched ({type(e).__name__}); offline, the hub is unreachable: pass a local file") from None
+            raise AltlmError(
+                f"reward_head '{spec}' could not be fetched ({type(e).__name__}); offline, the hub is unreachable: pass a local file"
+            ) from None
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -140,7 +176,9 @@ def read_state_dict(spec: str) -> dict:
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- corrupt or foreign files: one line, not a traceback
-        raise AltlmError(f"reward_head '{spec}' is not a readable state dict ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+        raise AltlmError(
+            f"reward_head '{spec}' is not a readable state dict ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # Lightning-style wrapper
     if not isinstance(state, dict):
@@ -155,9 +193,17 @@ class ValueHeadScorer:
     token, so `text_format` should not end with the EOS text. Scores are raw (trlx subtracted the reference
     summary's reward; with per-prompt quantiles that shift cannot change a bucket, so it is left out)."""
 
-    def __init__(self, backbone: str, head: str, name: str = "reward", higher_is_better: bool = True,
-                 text_format: str = "{prompt}{completion}", batch_size: int = 16, max_tokens: int = 512,
-                 trust_remote_code: bool = False):
+    def __init__(
+        self,
+        backbone: str,
+        head: str,
+        name: str = "reward",
+        higher_is_better: bool = True,
+        text_format: str = "{prompt}{completion}",
+        batch_size: int = 16,
+        max_tokens: int = 512,
+        trust_remote_code: bool = False,
+    ):
         import torch
         from transformers import AutoConfig, AutoModel
 
@@ -169,25 +215,35 @@ class ValueHeadScorer:
         self.tokenizer = _tokenizer(backbone, trust_remote_code, "right")
         state = read_state_dict(head)
         if "v_head.weight" not in state:
-            raise AltlmError(f"reward_head '{head}' has no 'v_head.weight' (it has e.g.: {', '.join(list(state)[:5])}); save the head as {{'v_head.weight': tensor[1, hidden]}}")
+            raise AltlmError(
+                f"reward_head '{head}' has no 'v_head.weight' (it has e.g.: {', '.join(list(state)[:5])}); save the head as {{'v_head.weight': tensor[1, hidden]}}"
+            )
         v = state["v_head.weight"]
-        body = {k[len("transformer."):]: t for k, t in state.items() if k.startswith("transformer.")}
+        body = {k[len("transformer.") :]: t for k, t in state.items() if k.startswith("transformer.")}
         src = models.resolve(backbone)
         if body:  # the file carries the backbone too (CarperAI): build it empty, then load those weights
             config = models._hub_guard(backbone, AutoConfig.from_pretrained, src, trust_remote_code=trust_remote_code)
             self.backbone = AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
             got = self.backbone.load_state_dict(body, strict=False)
             if got.missing_keys:
-                raise AltlmError(f"reward_head '{head}' lacks {len(got.missing_keys)} backbone weight(s) of '{backbone}' "
-                                 f"(e.g. transformer.{got.missing_keys[0]}); is reward_model the architecture it was trained from?")
+                raise AltlmError(
+                    f"reward_head '{head}' lacks {len(got.missing_keys)} backbone weight(s) of '{backbone}' "
+                    f"(e.g. transformer.{got.missing_keys[0]}); is reward_model the architecture it was trained from?"
+                )
             if got.unexpected_keys:  # old checkpoints keep buffers (e.g. GPT-J's attn.masked_bias) newer code derives
-                print(f"reward model: ignored {len(got.unexpected_keys)} unused entries of {head} (e.g. {got.unexpected_keys[0]})", flush=True)
+                print(
+                    f"reward model: ignored {len(got.unexpected_keys)} unused entries of {head} (e.g. {got.unexpected_keys[0]})",
+                    flush=True,
+                )
         else:
-            self.backbone = models._hub_guard(backbone, AutoModel.from_pretrained, src, dtype=torch.float32,
-                                              trust_remote_code=trust_remote_code)
+            self.backbone = models._hub_guard(
+                backbone, AutoModel.from_pretrained, src, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
         hidden = self.backbone.get_input_embeddings().weight.shape[1]
         if tuple(v.shape) != (1, hidden):
-            raise AltlmError(f"reward_head '{head}': v_head.weight has shape {tuple(v.shape)}, expected (1, {hidden}) for '{backbone}'")
+            raise AltlmError(
+                f"reward_head '{head}': v_head.weight has shape {tuple(v.shape)}, expected (1, {hidden}) for '{backbone}'"
+            )
         self.v_head = torch.nn.Linear(hidden, 1, bias=False)
         with torch.no_grad():
             self.v_head.weight.copy_(v.float())
@@ -212,16 +268,33 @@ class PerspectiveScorer:
 
     higher_is_better = False
 
-    def __init__(self, base_url: str, api_key_env: str, attribute: str = "TOXICITY", requests_per_second: float = 1.0,
-                 max_retries: int = 5, timeout: float = 30.0, backoff: float = 1.0, max_workers: int = 8):
+    def __init__(
+        self,
+        base_url: str,
+        api_key_env: str,
+        attribute: str = "TOXICITY",
+        requests_per_second: float = 1.0,
+        max_retries: int = 5,
+        timeout: float = 30.0,
+        backoff: float = 1.0,
+        max_workers: int = 8,
+    ):
         key = os.environ.get(api_key_env)
         if not key:
-            raise AltlmError(f"scorer=perspective needs an API key in the environment variable {api_key_env} "
-                             f"(perspective_api_key_env); export it before the run (it is never stored)")
+            raise AltlmError(
+                f"scorer=perspective needs an API key in the environment variable {api_key_env} "
+                f"(perspective_api_key_env); export it before the run (it is never stored)"
+            )
         self.key_env = api_key_env
         self._key = key  # held in memory only: never in the config, the URL, a log line or an error message
         self.url = base_url.rstrip("/") + "/comments:analyze"
-        self.attribute, self.rps, self.max_retries, self.timeout, self.backoff = attribute, requests_per_second, max_retries, timeout, backoff
+        self.attribute, self.rps, self.max_retries, self.timeout, self.backoff = (
+            attribute,
+            requests_per_second,
+            max_retries,
+            timeout,
+            backoff,
+        )
         self.name = "toxicity" if attribute == "TOXICITY" else attribute.lower()
         self.workers = max(1, min(max_workers, math.ceil(requests_per_second) if requests_per_second else max_workers))
         self._lock, self._limit = threading.Lock(), RateLimiter(requests_per_second)
@@ -233,8 +306,14 @@ class PerspectiveScorer:
     def _one(self, text: str) -> float:
         if not text.strip():
             return 0.0  # the API rejects empty comments; an empty completion is not toxic
-        body = json.dumps({"comment": {"text": text}, "languages": ["en"], "doNotStore": True,
-                           "requestedAttributes": {self.attribute: {}}}).encode()
+        body = json.dumps(
+            {
+                "comment": {"text": text},
+                "languages": ["en"],
+                "doNotStore": True,
+                "requestedAttributes": {self.attribute: {}},
+            }
+        ).encode()
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -242,8 +321,12 @@ class PerspectiveScorer:
                     self.retries += 1
                 time.sleep(min(30.0, self.backoff * 2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
             self._limit.wait()
-            req = urllib.request.Request(self.url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json", "X-Goog-Api-Key": self._key})
+            req = urllib.request.Request(
+                self.url,
+                data=body,
+                method="POST",
+                headers={"Content-Type": "application/json", "X-Goog-Api-Key": self._key},
+            )
             with self._lock:
                 self.requests += 1
             try:
@@ -253,7 +336,9 @@ class PerspectiveScorer:
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}"
                 if e.code in (401, 403):
-                    raise AltlmError(f"Perspective API refused the key in ${self.key_env} (HTTP {e.code}); check the key and that the API is enabled for its project") from None
+                    raise AltlmError(
+                        f"Perspective API refused the key in ${self.key_env} (HTTP {e.code}); check the key and that the API is enabled for its project"
+                    ) from None
                 if e.code == 400:
                     return float("nan")  # e.g. LANGUAGE_NOT_SUPPORTED_BY_ATTRIBUTE: this text has no score
                 if e.code == 429 or e.code >= 500:
@@ -261,7 +346,9 @@ class PerspectiveScorer:
                     if retry_after and retry_after.isdigit():
                         time.sleep(min(60.0, float(retry_after)))
                     continue
-                raise AltlmError(f"Perspective API answered HTTP {e.code} at {self.url}; check perspective_base_url") from None
+                raise AltlmError(
+                    f"Perspective API answered HTTP {e.code} at {self.url}; check perspective_base_url"
+                ) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 last = type(getattr(e, "reason", e)).__name__
                 continue
@@ -278,8 +365,11 @@ class PerspectiveScorer:
         with ThreadPoolExecutor(self.workers) as pool:
             out = list(pool.map(self._one, completions))
         if self.failures > before:
-            print(f"perspective: {self.failures - before} of {len(completions)} texts unscored after {self.max_retries} "
-                  f"retries ({self._last_failure}); they are left out of training and metrics", flush=True)
+            print(
+                f"perspective: {self.failures - before} of {len(completions)} texts unscored after {self.max_retries} "
+                f"retries ({self._last_failure}); they are left out of training and metrics",
+                flush=True,
+            )
         return out
 
 
@@ -294,7 +384,9 @@ class CallableScorer:
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
-            raise AltlmError(f"reward_callable '{spec}': cannot import '{module_name}' ({e}); put it on PYTHONPATH or in the working directory") from None
+            raise AltlmError(
+                f"reward_callable '{spec}': cannot import '{module_name}' ({e}); put it on PYTHONPATH or in the working directory"
+            ) from None
         fn = module
         for part in attr.split("."):
             if not hasattr(fn, part):
@@ -310,7 +402,11 @@ class CallableScorer:
         try:
             out = [float(x) for x in got]
         except (TypeError, ValueError):
-            raise AltlmError(f"reward_callable '{self.spec}' must return a list of numbers, got {type(got).__name__}") from None
+            raise AltlmError(
+                f"reward_callable '{self.spec}' must return a list of numbers, got {type(got).__name__}"
+            ) from None
         if len(out) != len(completions):
-            raise AltlmError(f"reward_callable '{self.spec}' returned {len(out)} scores for {len(completions)} completions")
+            raise AltlmError(
+                f"reward_callable '{self.spec}' returned {len(out)} scores for {len(completions)} completions"
+            )
         return out

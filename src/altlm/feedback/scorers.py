@@ -2,6 +2,7 @@
 
 Both score the completion only; the prompt argument exists to satisfy the `Scorer` protocol.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -40,7 +41,9 @@ class VaderSentiment:
         try:
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         except ImportError:
-            raise AltlmError("package vaderSentiment is not installed; run: pip install vadersentiment==3.3.2") from None
+            raise AltlmError(
+                "package vaderSentiment is not installed; run: pip install vadersentiment==3.3.2"
+            ) from None
         self._analyzer = SentimentIntensityAnalyzer()
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
