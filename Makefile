@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-random install clean-venv bench
+.PHONY: demo test test-random lint install clean-venv bench
 
 $(STAMP): pyproject.toml requirements/cpu.txt requirements/offline.txt requirements/offline-nodeps.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 test-random: $(STAMP)  # the same suite in a random order (pytest-randomly prints its seed; -p randomly_seed=N replays it)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -p randomly
+
+lint: $(STAMP)  # ruff (pyproject.toml [tool.ruff]): the linter and the formatter's check
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 clean-venv:
 	rm -rf $(VENV)
