@@ -311,18 +311,7 @@ def test_altlm_serve_answers_the_openai_client(tmp_path):
 
 
 # ---------------------------------------------------------------- through `altlm train`
-SMALL = [
-    "threads=1",
-    "num_train_prompts=16",
-    "num_eval_prompts=2",
-    "prompts_per_iteration=6",
-    "samples_per_prompt=2",
-    "train_steps=2",
-    "batch_size=4",
-    "eval_samples_per_prompt=1",
-    "max_new_tokens=8",
-    "report=false",
-]
+from test_train_smoke import SMALL  # noqa: E402  (the same small run settings)
 
 
 def lmc_args(url, cache):
