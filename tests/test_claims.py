@@ -98,3 +98,22 @@ def test_lower_is_better_scores_are_turned_good_side_up():
     got = by_name(run_claims(records(shift), WORDS, "Most Positive", higher_is_better=False, seed=1, n_boot=300))
     assert got["best - worst feedback"]["estimate"] > 0.5
     assert got["Spearman(feedback rank, score), final"]["estimate"] == 1.0
+
+
+def test_undefined_claims_are_printed_and_reported_as_not_available(tmp_path, capsys):
+    """A constant score leaves Spearman undefined (NaN, null in summary.json): printing must not fail on it."""
+    import json
+
+    from altlm.cli import print_claims
+    from altlm.evaluation import write_json
+
+    recs = records({})
+    for r in recs:
+        r["score"] = 0.5
+    got = run_claims(recs, WORDS, "Most Positive", higher_is_better=True, seed=1, n_boot=50)
+    write_json(tmp_path / "s.json", {"claims": got})
+    back = json.loads((tmp_path / "s.json").read_text())["claims"]
+    spearman = by_name(back)["Spearman(feedback rank, score), final"]
+    assert spearman["estimate"] is None and spearman["holds"] is False
+    print_claims(back)
+    assert "n/a" in capsys.readouterr().out

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from .metrics import PPL_CAP
+from .metrics import PPL_CAP, spearman
 
 N_BOOT = 2000
 
@@ -58,7 +58,8 @@ def _spearman_rows(values: np.ndarray) -> np.ndarray:
     rv = rv - rv.mean(-1, keepdims=True)
     denom = np.sqrt((rv**2).sum(-1) * (rf**2).sum())
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (rv * rf).sum(-1) / denom
+        rho = (rv * rf).sum(-1) / denom
+    return np.where(values.max(-1) > values.min(-1), rho, np.nan)  # all equal: no order, undefined
 
 
 def run_claims(
@@ -116,7 +117,7 @@ def run_claims(
     if len(have) >= 2:
         est_values = np.array([[good[("final", w)][0] for w in have]])
         boot_values = np.stack([good[("final", w)][1] for w in have], -1)
-        rho = float(_spearman_rows(est_values)[0])
+        rho = round(spearman(list(est_values[0]), [-float(i) for i in range(len(have))]), 10)  # ties: average ranks
         claim("Spearman(feedback rank, score), final", ">= 0.9", rho, _spearman_rows(boot_values), 0.95, rho >= 0.9)
     gaps = {}
     for model in ("final", "reference"):

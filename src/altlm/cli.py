@@ -153,13 +153,14 @@ def print_claims(c: dict | None) -> None:
     )
     for col in ("claim", "estimate", "interval", "target", "holds"):
         t.add_column(col)
+    num = lambda x: "n/a" if x is None else f"{x:+.4f}"  # noqa: E731  (None: undefined, e.g. a constant score)
     for row in c["claims"]:
         lo, hi = row["interval"]
         level = f"{round(row['level'] * 100)}%"
         t.add_row(
             row["claim"],
-            f"{row['estimate']:+.4f}",
-            f"{level} [{lo:+.4f}, {hi:+.4f}]",
+            num(row["estimate"]),
+            f"{level} [{num(lo)}, {num(hi)}]",
             row["target"],
             "yes" if row["holds"] else "NO",
         )

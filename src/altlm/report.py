@@ -330,9 +330,10 @@ def _run_section(run: dict, out: Path, prefix: str) -> list[str]:
             ]
             for row in c["claims"]:
                 lo, hi = row["interval"]
+                num = lambda x: "n/a" if x is None else f"{x:+.4f}"  # noqa: E731  (None: undefined)
                 lines.append(
-                    f"| {row['claim']} | {row['estimate']:+.4f} | {round(row['level'] * 100)}% [{lo:+.4f}, "
-                    f"{hi:+.4f}] | {row['target']} | {'yes' if row['holds'] else '**no**'} |"
+                    f"| {row['claim']} | {num(row['estimate'])} | {round(row['level'] * 100)}% [{num(lo)}, "
+                    f"{num(hi)}] | {row['target']} | {'yes' if row['holds'] else '**no**'} |"
                 )
             lines.append("")
     rows = steer_table(run)
