@@ -34,10 +34,19 @@ import yaml  # noqa: E402
 
 from altlm.evaluation import steerability  # noqa: E402
 
+# the evaluation the committed curves were measured with: every condition, all reference texts in the likelihood check
+EVAL = ["eval_conditions=all", "eval_middle_samples_per_prompt=0", "likelihood_texts=0", "likelihood_auc_split=null"]
 SENTIMENT_WORDS = ["Most Positive", "Positive", "Neutral", "Negative", "Most Negative"]
 TASKS = {
     # the demo's recipe, evaluated under every tag each iteration, run for longer
-    "toxicity": ["--config", "toxicity-offline", "iterations=40", "num_eval_prompts=60", "eval_samples_per_prompt=2"],
+    "toxicity": [
+        "--config",
+        "toxicity-offline",
+        "iterations=40",
+        "num_eval_prompts=60",
+        "eval_samples_per_prompt=2",
+        *EVAL,
+    ],
     "sentiment": [
         "--config",
         "toxicity-offline",
@@ -48,6 +57,7 @@ TASKS = {
         "prompts=fortunes-clean",
         f"feedback_words={json.dumps(SENTIMENT_WORDS)}",
         f"exemplar={SENTIMENT_WORDS[0]}",
+        *EVAL,
     ],
 }
 QUICK = [

@@ -269,7 +269,8 @@ def test_ctrl_c_exits_130_with_the_resume_command_that_works(tmp_path):
 
     run = tmp_path / "run"
     p = subprocess.Popen(
-        [sys.executable, "-m", "altlm", "train", "--config", "smoke", f"output_dir={run}", "iterations=2", *SMALL],
+        # enough iterations that the run is still going when the signal lands (a 2-iteration smoke run ends in seconds)
+        [sys.executable, "-m", "altlm", "train", "--config", "smoke", f"output_dir={run}", "iterations=12", *SMALL],
         cwd=tmp_path,
         env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
         stdout=subprocess.DEVNULL,

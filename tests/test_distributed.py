@@ -48,6 +48,8 @@ ARGS = [
     "sample_batch_size=4",
     "train_steps=6",
     "batch_size=5",
+    # the reference cache runs with one process only; the one-process baseline must take the same (full KL) path
+    "reference_cache=false",
 ]
 
 

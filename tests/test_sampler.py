@@ -9,10 +9,11 @@ from altlm.sampler import SampleSettings, draw, inference_model, sample, stop_id
 from altlm.template import Template
 
 
-def _empirical(logits, top_p, k_first, n=20000, temperature=1.0):
+def _empirical(logits, top_p, k_first, n=20000, temperature=1.0, method="sort"):
+    """Draw frequencies; method=sort is the path whose k_first fallback these tests check (test_nucleus.py: reject)."""
     torch.manual_seed(0)
     rows = logits.expand(n, -1).clone()
-    got = draw(rows, temperature, top_p, k_first=k_first)
+    got = draw(rows, temperature, top_p, k_first=k_first, method=method)
     return torch.bincount(got, minlength=logits.shape[-1]).float() / n
 
 

@@ -257,8 +257,8 @@ def plot_claims_means(means: dict, metric: str, path: Path) -> None:
         xs, ys, errs = [], [], [[], []]
         for i, fb in enumerate(labels):
             block = means[model].get(fb)
-            if block is None:
-                continue
+            if block is None or block["mean"] is None or None in block["interval_95"]:
+                continue  # nothing scored under it (e.g. every judge answer unparsable)
             lo, hi = block["interval_95"]
             xs.append(i + (j - 0.5) * 0.25)
             ys.append(block["mean"])
