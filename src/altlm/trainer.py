@@ -145,16 +145,20 @@ class ALTTrainer:
     def open_reference_cache(self) -> ReferenceCache | None:
         """The reference cache where it is exact and one process trains (refcache.py); None: the reference forward."""
         cfg = self.cfg
-        head = self.model.get_output_embeddings()
-        exact = (
-            cfg.training_mode == "lora"
+        applies = (
+            cfg.reference_cache
+            and self.procs.world == 1
+            and cfg.training_mode == "lora"
             and cfg.kl_coef != 0.0
             and cfg.reference_input == "prompt"
             and cfg.kl_direction == "ref_policy"
-            and not head.weight.requires_grad
-            and head.bias is None
         )
-        if not (cfg.reference_cache and exact and self.procs.world == 1):
+        if not applies:
+            return None
+        # exact only for a plain, frozen, bias-free head (a wrapped one, e.g. Quark's token rows, takes the old path)
+        head = self.model.get_output_embeddings()
+        weight = getattr(head, "weight", None)
+        if weight is None or weight.requires_grad or getattr(head, "bias", None) is not None:
             return None
         cache = ReferenceCache(self.run)
         # Entries up to the point this run resumes from: its training snapshot, or the last finished iteration.
