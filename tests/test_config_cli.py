@@ -276,6 +276,8 @@ def test_ctrl_c_exits_130_with_the_resume_command_that_works(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # a pytest started in the background of a non-interactive shell inherits SIGINT ignored: restore it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 300
