@@ -30,14 +30,12 @@ class ReferenceCache:
         self.folder = Path(run) / FOLDER
         self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row id → (Wᵀq [T, D], Σ q log q [T])
         self.pending: list[int] = []  # computed since the last flush
-        self.hits = 0
         self.misses = 0
 
     def missing(self, row_ids: list[int]) -> list[int]:
-        """Positions (in `row_ids`) of rows without an entry; counts hits and misses."""
+        """Positions (in `row_ids`) of rows without an entry; counts them (`misses`: reference forwards run)."""
         out = [i for i, r in enumerate(row_ids) if r not in self.entries]
         self.misses += len(out)
-        self.hits += len(row_ids) - len(out)
         return out
 
     def add(self, row_id: int, mean_embedding: torch.Tensor, negentropy: torch.Tensor) -> None:
