@@ -96,3 +96,72 @@ def test_scorer_reward_model_reads_like_trl(tiny):
     _, reward, _ = get_reward(B.ScorerRewardModel(h, width), ids, tok.pad_token_id, width)
     assert reward.tolist() == [-0.25, 0.0]
     assert not math.isnan(reward.sum().item())
+
+
+# ---------------------------------------------------------------------------------------------- the sentiment curve
+def _sentiment_script():
+    path = ROOT / "benchmarks" / "sample_efficiency_sentiment.py"
+    spec = importlib.util.spec_from_file_location("sample_efficiency_sentiment", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _points(out: Path) -> dict:
+    return json.loads((out / "sample_efficiency_sentiment.json").read_text())["points"]
+
+
+def test_sentiment_curve_quick_with_grpo_and_point_resume(tmp_path, capsys):
+    """GRPO (TRL's GRPOTrainer, one round of 8 completions per step) runs in --quick; a second invocation keeps the
+    finished points as they are and runs only the missing ones; every point carries its per-prompt scores."""
+    pytest.importorskip("trl")
+    se = _sentiment_script()
+    out, work = tmp_path / "out", tmp_path / "work"
+    common = ["--quick", "--threads", "1", "--out", str(out), "--work", str(work)]
+    assert se.main([*common, "--methods", "grpo,best_of_n"]) == 0
+    first = _points(out)
+    assert set(first) == {"grpo", "best_of_n"} and list(first["grpo"]) == ["16"]
+    assert se.main([*common, "--methods", "grpo,best_of_n,rloo"]) == 0
+    second = _points(out)
+    assert second["grpo"] == first["grpo"] and second["best_of_n"] == first["best_of_n"]  # not run again
+    assert list(second["rloo"]) == ["16"]
+    data = json.loads((out / "sample_efficiency_sentiment.json").read_text())
+    assert len(data["meta"]["commands"]) == 2
+    assert data["meta"]["settings"]["grpo"]["num_generations"] == 8  # TRL's default, recorded
+    grpo = second["grpo"]["16"]
+    assert len(grpo["by_prompt"]) == 6 and all(v is None or -1 <= v <= 1 for v in grpo["by_prompt"])
+    mean = data["analysis"]["means"]["grpo"]["16"]
+    assert mean["interval_95"][0] <= mean["mean"] <= mean["interval_95"][1]
+    md = (out / "sample_efficiency_sentiment.md").read_text()
+    assert "| GRPO (TRL) | 16 |" in md and "| RLOO (TRL) | 16 |" in md
+    assert (out / "sample_efficiency_sentiment.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".*"))
+
+
+def test_sentiment_curve_alt_time_box_resumes_exactly(tmp_path):
+    """ALT's run stopped by the time box (Ctrl-C) and resumed gives the points of a run never stopped, to the bit."""
+    se = _sentiment_script()
+    straight = tmp_path / "straight"
+    args = ["--quick", "--threads", "1", "--methods", "alt"]
+    assert se.main([*args, "--out", str(straight), "--work", str(straight / "w")]) == 0
+    cut = tmp_path / "cut"
+    assert se.main([*args, "--minutes", "0.15", "--out", str(cut), "--work", str(cut / "w")]) == 0
+    stopped = _points(cut).get("alt", {})
+    assert len(stopped) < 2, "the time box did not stop the run (it finished in 9 s)"
+    assert not (cut / "w" / "alt" / "summary.json").exists()
+    assert se.main([*args, "--out", str(cut), "--work", str(cut / "w")]) == 0
+    want, got = _points(straight)["alt"], _points(cut)["alt"]
+    assert list(got) == ["16", "32"]
+    for b in want:
+        assert got[b]["by_prompt"] == want[b]["by_prompt"]
+        assert got[b]["worst"]["by_prompt"] == want[b]["worst"]["by_prompt"]
+
+
+def test_sentiment_curve_bad_arguments(tmp_path, capsys):
+    se = _sentiment_script()
+    assert se.main(["--quick", "--methods", "nope", "--out", str(tmp_path)]) == 2
+    assert se.main(["--quick", "--budgets", "alt:10", "--out", str(tmp_path)]) == 2
+    assert se.main(["--quick", "--budgets", "grpo:x", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("sample_efficiency_sentiment: ") for line in err)

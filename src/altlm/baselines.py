@@ -52,7 +52,11 @@ class Harness:
     @classmethod
     def build(cls, cfg: ALTConfig) -> "Harness":
         amp = models.autocast_dtype(cfg.precision, torch.device("cpu"))
-        fluency = evaluation.Fluency(cfg.perplexity_model, amp) if cfg.perplexity_model else None
+        fluency = None
+        if cfg.perplexity_model:
+            fluency = evaluation.Fluency(
+                cfg.perplexity_model, amp, samples_per_prompt=cfg.perplexity_samples_per_prompt or None
+            )
         return cls(
             cfg, load_prompts(cfg), build_scorer(cfg.scorer, cfg), models.load_tokenizer(cfg.model), fluency, amp
         )
@@ -84,7 +88,7 @@ class Harness:
 
     def evaluate(self, model, samples: int, label: str) -> dict:
         """A plain (unconditioned) model on the held-out prompts, exactly as the trainer evaluates (same seed)."""
-        blocks, _ = evaluation.evaluate(
+        blocks, records = evaluation.evaluate(
             inference_model(model, self.amp),
             self.tokenizer,
             Template(),
@@ -97,7 +101,9 @@ class Harness:
             label,
             self.fluency,
         )
-        return point(samples, blocks["<none>"], self.metric)
+        out = point(samples, blocks["<none>"], self.metric)
+        out["by_prompt"] = prompt_means(records, self.prompts.eval)
+        return out
 
     def policy(self, seed: int | None = None):
         """The base model with the task's LoRA settings (a peft model; the adapter off = the reference)."""
@@ -123,6 +129,16 @@ def point(samples: int, block: dict, metric: str) -> dict:
     for k in ("perplexity", "dist_1", "dist_2", "dist_3", "reward_mean", "length_mean"):
         out[k] = block.get(k)
     return out
+
+
+def prompt_means(records: list[dict], prompts: list[str]) -> list[float | None]:
+    """Each held-out prompt's mean score, in the order of `prompts` (None: nothing scored): what a bootstrap over
+    prompts resamples, and what pairs two methods evaluated on the same prompts."""
+    by: dict[str, list[float]] = {}
+    for r in records:
+        if r["score"] is not None and r["score"] == r["score"]:
+            by.setdefault(r["prompt"], []).append(float(r["score"]))
+    return [sum(by[p]) / len(by[p]) if by.get(p) else None for p in prompts]
 
 
 def check_budgets(budgets: list[int], round_size: int) -> list[int]:
@@ -513,3 +529,63 @@ def run_rloo(
     if generated[0] != budgets[-1]:
         print(f"warning: RLOO scored {generated[0]} samples, expected {budgets[-1]}")
     return cb.points, time.time() - t0
+
+
+# GRPO's settings that differ from TRL's GRPOConfig defaults, each with its reason; everything else is TRL's default
+# (num_generations 8, beta 0 — no KL term, no reference model —, loss_type "dapo", scale_rewards "group",
+# epsilon 0.2, one optimiser step per generation round of 8 completions, linear learning-rate decay).
+GRPO_OVERRIDES = {
+    # TRL's 1e-6 is for full fine-tuning; with LoRA on 256-2048 samples it does not move the policy (measured in
+    # benchmarks/results/sample_efficiency_sentiment.md, "GRPO learning rate").
+    "learning_rate": 1e-4,
+}
+
+
+def run_grpo(
+    h: Harness, budgets: list[int], out_dir: Path, overrides: dict | None = None
+) -> tuple[list[dict], float, dict]:
+    """TRL's GRPOTrainer with the scorer as a plain reward function: the same policy (LoRA), prompts, temperature,
+    top-p and completion length as the other methods; TRL's defaults otherwise, except GRPO_OVERRIDES (and
+    `overrides`). Returns (points, seconds, the settings that differ from the defaults)."""
+    _require_trl("GRPO")
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    settings = {**GRPO_OVERRIDES, **(overrides or {})}
+    c, t0 = h.cfg, time.time()
+    common = {**_trl_common(h, out_dir, settings.pop("learning_rate")), **settings}
+    probe = GRPOConfig(output_dir=str(out_dir), use_cpu=True)
+    per_round = probe.per_device_train_batch_size * probe.gradient_accumulation_steps  # completions per step
+    budgets = check_budgets(budgets, per_round)
+    torch.manual_seed(c.seed)
+    policy = h.policy()
+    generated = [0]
+
+    def reward_fn(prompts, completions, **_):
+        generated[0] += len(completions)
+        return h.reward(h.scorer.score(list(prompts), list(completions)))
+
+    reward_fn.__name__ = f"{h.metric}_reward"
+    args = GRPOConfig(
+        **common,
+        max_completion_length=c.max_new_tokens,
+        temperature=c.temperature,
+        top_p=c.top_p,
+        max_steps=budgets[-1] // per_round,
+        log_completions=False,
+    )
+    cb = _BudgetCallback(h, policy, budgets, "grpo", lambda s: s.global_step * per_round)
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=reward_fn,
+        args=args,
+        processing_class=h.tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": list(h.prompts.train)}),
+        callbacks=[cb],
+    )
+    trainer.train()
+    if generated[0] != budgets[-1]:
+        print(f"warning: GRPO scored {generated[0]} samples, expected {budgets[-1]}")
+    differs = {k: getattr(args, k) for k in ("learning_rate", "max_completion_length", "temperature", "top_p", "beta")}
+    differs.update(num_generations=args.num_generations, loss_type=args.loss_type, samples_per_step=per_round)
+    return cb.points, time.time() - t0, differs
