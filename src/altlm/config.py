@@ -212,6 +212,20 @@ class ALTConfig:
         True,
         "False runs the same loop with the feedback left out of sampling and training inputs: the fine-tune-only control, showing what training on the model's own samples gives without conditioning.",
     )
+    # --- ablations (docs/ablations.md; each off by default) ---
+    feedback_noise: float = _f(
+        0.0,
+        "Ablation: with this probability a sample's feedback is replaced by another one drawn uniformly (rm, lmc: "
+        "another of feedback_words; lmu: another sample's sentence and score, same iteration). Decided once per "
+        "sample from (seed, iteration, sample index) and kept in the pool's `noise` column, so a noised rm row stays "
+        "noised when the quantiles are re-cut and a resumed run is identical. 0 = off.",
+    )
+    feedback_fraction: float = _f(
+        1.0,
+        "Ablation (feedback frequency): only this share of each iteration's samples (a seeded choice) gets feedback "
+        "and enters the pool; the others were generated (the sample budget counts them) but are never scored, "
+        "judged or trained on. 1 = all.",
+    )
     # --- LLM judge (feedback_type lmc / lmu) ---
     judge_backend: str = _f(
         "hf",
@@ -490,6 +504,12 @@ class ALTConfig:
         ):
             if getattr(self, k) < 1:
                 raise AltlmError(f"config key '{k}' must be >= 1, got {getattr(self, k)}")
+        if not 0.0 <= self.feedback_noise <= 1.0:
+            raise AltlmError(f"config key 'feedback_noise' must be in [0, 1] (0 = off), got {self.feedback_noise}")
+        if not 0.0 < self.feedback_fraction <= 1.0:
+            raise AltlmError(
+                f"config key 'feedback_fraction' must be in (0, 1] (1 = all), got {self.feedback_fraction}"
+            )
         if not 0.0 <= self.drop_factor <= 1.0:
             raise AltlmError(f"config key 'drop_factor' must be in [0, 1], got {self.drop_factor}")
         if (

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS samples (
     valid INTEGER NOT NULL DEFAULT 1,
     dropped_at INTEGER,  -- iteration whose flush retired the row; NULL = active
     raw TEXT,  -- the judge's answer(s) as received (LLM feedback): kept for invalid rows too
-    agreement REAL  -- self-consistency: share of the judge's answers that agree with the kept one
+    agreement REAL,  -- self-consistency: share of the judge's answers that agree with the kept one
+    noise INTEGER  -- feedback_noise: NULL = the row's own feedback; k = replaced by the one k places further
 );
 CREATE INDEX IF NOT EXISTS samples_active ON samples(dropped_at, valid);
 CREATE INDEX IF NOT EXISTS samples_iteration ON samples(iteration);
@@ -71,6 +72,7 @@ class Row:
     valid: bool = True
     raw: str | None = None
     agreement: float | None = None
+    noise: int | None = None  # feedback_noise's offset (feedback/noise.py); None: the row's own feedback
     id: int | None = None
 
 
@@ -92,7 +94,8 @@ class Pool:
             raise AltlmError(
                 f"pool file '{self.path}' is not a readable SQLite pool ({e}); restore it from a backup or start a new run folder"
             ) from None
-        for col, typ in (("raw", "TEXT"), ("agreement", "REAL")):  # pools written before these columns existed
+        # pools written before these columns existed
+        for col, typ in (("raw", "TEXT"), ("agreement", "REAL"), ("noise", "INTEGER")):
             if col not in have:
                 self.db.execute(f"ALTER TABLE samples ADD COLUMN {col} {typ}")
 

@@ -30,6 +30,7 @@ from .data import CONTINUATION_WORDS, load_prompts
 from .distributed import Processes
 from .errors import AltlmError
 from .feedback import Feedback, build_feedback
+from .feedback.noise import labelled_indices, noise_categories, noise_offset, noise_sentences
 from .loss import alt_loss, target_hidden, target_logits
 from .pool import Pool, Row
 from .refcache import ReferenceCache
@@ -201,9 +202,12 @@ class ALTTrainer:
 
                 # 2. Feedback: RM gives a score per sample (its words come from the pool's quantiles, step 3);
                 #    an LLM judge gives the words itself. Samples it could not judge are kept, marked invalid.
+                #    feedback_fraction < 1: only a seeded share of the samples is scored (the rest stays out).
                 judge_before = self.feedback.judge.stats.as_dict() if hasattr(self.feedback, "judge") else None
                 started = time.time()
-                fbs = self.score_staged(it, requests, samples, {i: Feedback(**f) for i, (_, f) in staged.items() if f})
+                labelled = labelled_indices(cfg.seed, it, len(requests), cfg.feedback_fraction)
+                done = {i: Feedback(**f) for i, (_, f) in staged.items() if f}
+                fbs = self.score_staged(it, requests, samples, done, labelled)
                 scores = [f.score for f in fbs if f.score is not None and f.score == f.score]
                 progress.phase(
                     f"iteration {it} feedback",
@@ -214,7 +218,7 @@ class ALTTrainer:
 
                 # 3. Pool: the main process commits the samples and their feedback (and re-cuts the quantiles).
                 if self.procs.main:
-                    self.commit_pool(it, rng, requests, samples, fbs, judge_before)
+                    self.commit_pool(it, rng, requests, samples, fbs, judge_before, labelled)
                 else:
                     self.save_progress(phase="train", step=0)
                 self.procs.wait()  # committed before anyone draws from it
@@ -299,14 +303,43 @@ class ALTTrainer:
         eval_words = [w for w in words if w in summary["final"]["by_feedback"]]
         if len(eval_words) >= 2:
             summary["claims"] = claims.run_claims(records, eval_words, exemplar, self.scorer.higher_is_better, cfg.seed)
+        summary["ablation"] = self.ablation_summary()
         evaluation.write_json(self.run / "summary.json", summary)
 
+    def ablation_summary(self) -> dict:
+        """The ablation keys (docs/ablations.md) and what they did over the run's iterations."""
+        cfg = self.cfg
+        its = [json.loads(line) for line in open(self.run / "metrics.jsonl") if '"kind": "iteration"' in line]
+        return {
+            "feedback_noise": cfg.feedback_noise,
+            "feedback_fraction": cfg.feedback_fraction,
+            "feedback_strings": len(self.feedback.vocabulary) if self.feedback.vocabulary else None,
+            "use_feedback": cfg.use_feedback,
+            "generated": sum(r.get("generated", 0) for r in its),
+            "labelled": sum(r.get("labelled", 0) for r in its),
+            # rows whose feedback was replaced, and how many of them had feedback to replace (valid rows)
+            "noised": sum(r.get("noised", 0) for r in its),
+            "valid": sum(r.get("labelled", 0) - r.get("invalid", 0) for r in its),
+        }
+
     def commit_pool(
-        self, it: int, rng: random.Random, requests, samples: list[Sample], fbs: list[Feedback], judge_before
+        self,
+        it: int,
+        rng: random.Random,
+        requests,
+        samples: list[Sample],
+        fbs: list[Feedback],
+        judge_before,
+        labelled: list[int],
     ) -> dict:
         """Step 3 (main process): in one transaction with the progress record, flush (per drop_factor), add the
-        iteration's samples, re-cut quantiles over the active pool, drop the staged copies; log the pool record."""
+        iteration's labelled samples (`labelled`: their request indices; `fbs`: their feedback) with feedback_noise
+        applied, re-cut quantiles over the active pool, drop the staged copies; log the pool record."""
         cfg = self.cfg
+        generated = len(requests)
+        fbs, offsets = self.apply_noise(it, fbs, labelled)
+        requests = [requests[i] for i in labelled]
+        samples = [samples[i] for i in labelled]
         with self.pool.transaction():
             self.pool.flush(cfg.drop_factor, rng, it)
             self.pool.add(
@@ -325,13 +358,16 @@ class ALTTrainer:
                         f.valid,
                         f.raw,
                         f.agreement,
+                        offset,
                     )
-                    for (pid, p), s, f in zip(requests, samples, fbs)
+                    for (pid, p), s, f, offset in zip(requests, samples, fbs, offsets)
                 ]
             )
             active = self.pool.rows()
             if self.feedback.relative:
-                buckets, texts = self.feedback.rebucket([r.score for r in active], [r.prompt_id for r in active])
+                buckets, texts = self.feedback.rebucket(
+                    [r.score for r in active], [r.prompt_id for r in active], [r.noise for r in active]
+                )
                 self.pool.set_feedback([r.id for r in active], buckets, texts)
             else:
                 buckets = [r.bucket for r in active]
@@ -340,6 +376,9 @@ class ALTTrainer:
             agreements = [f.agreement for f in fbs if f.agreement is not None]
             record = {
                 "pool_size": len(active),
+                "generated": generated,
+                "labelled": len(labelled),
+                "noised": sum(offset is not None for offset in offsets),
                 "sample_score_mean": metrics.mean([f.score for f in fbs if f.score is not None]),
                 "bucket_counts": [buckets.count(b) for b in range(self.n_buckets)],
                 "new_bucket_distribution": metrics.bucket_distribution(new_buckets, self.n_buckets),
@@ -414,21 +453,50 @@ class ALTTrainer:
             stage(it, [(i, got[i]) for i in sorted(got) if items[i] is None])
         return [got[i] for i in range(len(items))]
 
-    def score_staged(self, it: int, requests, samples: list[Sample], done: dict[int, Feedback]) -> list[Feedback]:
-        """Feedback for every sample, FEEDBACK_CHUNK at a time, each chunk staged in the pool as it arrives; chunks
-        a killed attempt already scored (`done`) are kept. Fixed chunk boundaries keep the scorer's batches as
-        they were, so the scores are too. Several processes: chunk c is scored by process c mod N."""
-        out = [done.get(i) for i in range(len(samples))]
-        for c, start in enumerate(range(0, len(samples), FEEDBACK_CHUNK)):
-            idx = [i for i in range(start, min(start + FEEDBACK_CHUNK, len(samples))) if out[i] is None]
-            if not idx or c % self.procs.world != self.procs.rank:
+    def score_staged(
+        self, it: int, requests, samples: list[Sample], done: dict[int, Feedback], labelled: list[int]
+    ) -> list[Feedback]:
+        """Feedback for the `labelled` samples (request indices; all of them unless feedback_fraction < 1), in that
+        order, FEEDBACK_CHUNK at a time, each chunk staged in the pool as it arrives; chunks a killed attempt already
+        scored (`done`, by request index) are kept. Fixed chunk boundaries keep the scorer's batches as they were,
+        so the scores are too. Several processes: chunk c is scored by process c mod N."""
+        out = [done.get(i) for i in labelled]
+        for c, start in enumerate(range(0, len(labelled), FEEDBACK_CHUNK)):
+            todo = [j for j in range(start, min(start + FEEDBACK_CHUNK, len(labelled))) if out[j] is None]
+            if not todo or c % self.procs.world != self.procs.rank:
                 continue
+            idx = [labelled[j] for j in todo]
             fbs = self.feedback([requests[i][1] for i in idx], [samples[i].completion for i in idx])
             if self.procs.main:
                 self._stage_feedback(it, list(zip(idx, fbs)))
-            for i, f in zip(idx, fbs):
-                out[i] = f
-        return self._gathered(it, out, self._stage_feedback)
+            for j, f in zip(todo, fbs):
+                out[j] = f
+        return self._gathered(it, out, self._stage_feedback_at(labelled))
+
+    def _stage_feedback_at(self, labelled: list[int]):
+        """_stage_feedback for items numbered by their position in `labelled` (what _gathered hands over)."""
+
+        def stage(it: int, batch: list[tuple[int, Feedback]]) -> None:
+            self._stage_feedback(it, [(labelled[j], f) for j, f in batch])
+
+        return stage
+
+    def apply_noise(self, it: int, fbs: list[Feedback], labelled: list[int]) -> tuple[list[Feedback], list]:
+        """feedback_noise (feedback/noise.py): the labelled samples' feedback as trained, and each one's offset (None:
+        its own). rm: only the offsets (the quantile re-cut applies them); lmc: another category; lmu: another
+        sample's sentence. The streams are the samples' request indices, so the decisions survive a resume."""
+        cfg = self.cfg
+        if cfg.feedback_noise <= 0:
+            return fbs, [None] * len(fbs)
+        if self.feedback.relative:
+            k = len(self.feedback.vocabulary)
+            offsets = [
+                noise_offset(cfg.seed, it, i, cfg.feedback_noise, k) if f.valid else None for i, f in zip(labelled, fbs)
+            ]
+            return fbs, offsets
+        if self.feedback.vocabulary is not None:
+            return noise_categories(fbs, labelled, self.feedback.vocabulary, cfg.seed, it, cfg.feedback_noise)
+        return noise_sentences(fbs, labelled, cfg.seed, it, cfg.feedback_noise)
 
     def exemplars(self) -> list[str]:
         """What the policy is sampled and evaluated under: the exemplar (RM, LMC), or LMU's `lmu_exemplars` commonest best-score sentences."""
@@ -450,6 +518,11 @@ class ALTTrainer:
             pids = [i for i, p in enumerate(self.prompts.train) if p in self.prompts.continuations]
             prompts, tok = [self.prompts.train[i] for i in pids], self.tokenizer
             texts = [self.prompts.continuations[p] for p in prompts]
+            fbs = self.feedback(prompts, texts)
+            # feedback_noise reaches these rows too (rm: through the quantile re-cut), as iteration 0's samples
+            offsets = (
+                self.apply_noise(0, fbs, list(range(len(fbs))))[1] if self.feedback.relative else [None] * len(fbs)
+            )
             # token counts as the sampler records them: conditioned input (none here) and the body without EOS
             self.pool.add(
                 [
@@ -465,8 +538,9 @@ class ALTTrainer:
                         len(self.template.input_ids(tok, None, p)),
                         len(tok(c, add_special_tokens=False).input_ids),
                         f.valid,
+                        noise=offset,
                     )
-                    for pid, p, c, f in zip(pids, prompts, texts, self.feedback(prompts, texts))
+                    for pid, p, c, f, offset in zip(pids, prompts, texts, fbs, offsets)
                 ]
             )
         self.procs.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .base import Feedback, Scorer
+from .noise import noised_bucket
 
 
 def quantile_buckets(scores: Sequence[float], k: int, higher_is_better: bool) -> list[int]:
@@ -62,9 +63,15 @@ class QuantileFeedback:
         # NaN: the scorer could not score this text (e.g. an API error): kept in the pool as invalid, never trained on
         return [Feedback(text=None, score=s, valid=s == s) for s in self.scorer.score(prompts, completions)]
 
-    def rebucket(self, scores: Sequence[float], prompt_ids: Sequence[int]) -> tuple[list[int], list[str]]:
+    def rebucket(
+        self, scores: Sequence[float], prompt_ids: Sequence[int], noise: Sequence[int | None] | None = None
+    ) -> tuple[list[int], list[str]]:
+        """Buckets and words over the pool, one per row. `noise`: each row's feedback_noise offset (None: its own
+        bucket); the quantiles are cut on the true scores, the offset then moves a noised row off its bucket."""
         k, hib = len(self.vocabulary), self.scorer.higher_is_better
         buckets = (
             quantile_buckets(scores, k, hib) if self.mode == "global" else grouped_buckets(scores, prompt_ids, k, hib)
         )
+        if noise is not None:
+            buckets = [noised_bucket(b, offset, k) for b, offset in zip(buckets, noise)]
         return buckets, [self.vocabulary[b] for b in buckets]
