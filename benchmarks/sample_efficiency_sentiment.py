@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 from altlm import baselines as B  # noqa: E402
 from altlm.config import load_config  # noqa: E402
 from altlm.errors import AltlmError  # noqa: E402
+from altlm import metrics  # noqa: E402
 from altlm.evaluation import clean  # noqa: E402
 
 NAME = "sample_efficiency_sentiment"
@@ -138,6 +139,8 @@ def alt_points(work: Path, round_size: int, prompts: list[str], metric: str) -> 
                 continue
             rows = [r for r in samples if r["iteration"] == it and r["feedback"] == fb]
             got[key] = {**B.point(it * round_size, block, metric), "by_prompt": B.prompt_means(rows, prompts)}
+            ppl = [r["perplexity"] for r in rows if r.get("perplexity") is not None]
+            got[key]["perplexity_geomean"] = metrics.perplexity_geomean(ppl) if ppl else None  # (runs from before it)
         if it == 0:
             reference = got
         elif "best" in got:
@@ -279,20 +282,23 @@ def markdown(res: dict) -> str:
     lines += [f"Task: {res['meta']['task']}  ", f"Evaluation: {res['meta']['evaluation']}", ""]
     lines += ["Commands (each invocation adds the points it finished):", ""]
     lines += [f"- `{c}`" for c in res["meta"]["commands"]] + [""]
-    lines += ["| method | samples | sentiment mean [95%] | ALT − method [95%] | perplexity | dist-2 | seconds |"]
+    lines += [
+        "| method | samples | sentiment mean [95%] | ALT − method [95%] | perplexity (geo. mean; mean) | dist-2 | seconds |"
+    ]
     lines += ["|---|---|---|---|---|---|---|"]
     ref = res.get("reference", {}).get("untagged")
     if ref:
         lines.append(
             f"| reference (untagged) | 0 | {_iv(a['reference']['untagged'])} | | "
-            f"{_f(ref['perplexity'], '.1f')} | {_f(ref['dist_2'])} | |"
+            f"{_f(ref.get('perplexity_geomean'), '.1f')}; {_f(ref['perplexity'], '.1f')} | {_f(ref['dist_2'])} | |"
         )
     for m in LABELS:
         for b, p in sorted(res["points"].get(m, {}).items(), key=lambda kv: int(kv[0])):
             vs = a["alt_vs"].get(m, {}).get(b)
             label = f"{LABELS[m]} (best tag)" if m == "alt" else LABELS[m]
             lines.append(
-                f"| {label} | {b} | {_iv(a['means'][m][b])} | {_iv(vs)} | {_f(p['perplexity'], '.1f')} | "
+                f"| {label} | {b} | {_iv(a['means'][m][b])} | {_iv(vs)} | "
+                f"{_f(p.get('perplexity_geomean'), '.1f')}; {_f(p['perplexity'], '.1f')} | "
                 f"{_f(p['dist_2'])} | {_f(p.get('seconds'), '.0f')} |"
             )
     if a["means"].get("alt"):
@@ -346,13 +352,13 @@ def plot(res: dict, path: Path) -> None:
         if m == "alt" and all("worst" in v for v in pts.values()):
             wy = np.array([v["worst"]["mean"] for v in pts.values()])
             ax.plot(xs, wy, "v:", c="gray", label="ALT-RM (worst tag)")
-        ppl = [res["points"][m][b]["perplexity"] for b in pts]
+        ppl = [res["points"][m][b].get("perplexity_geomean") for b in pts]
         ax2.plot(xs, [np.nan if v is None else v for v in ppl], marker="o", ms=4, label=label)
     ref = a["reference"].get("untagged")
     if ref:
         ax.axhline(ref["mean"], ls="--", c="k", lw=0.8, label="reference (untagged)")
         ax.axhspan(*ref["interval_95"], color="k", alpha=0.08)
-        ref_ppl = res["reference"]["untagged"]["perplexity"]
+        ref_ppl = res["reference"]["untagged"].get("perplexity_geomean")
         if ref_ppl:
             ax2.axhline(ref_ppl, ls="--", c="k", lw=0.8, label="reference")
     budgets = [int(b) for pts in a["means"].values() for b in pts] or [1]
@@ -362,7 +368,7 @@ def plot(res: dict, path: Path) -> None:
         axis.set_xlabel("completions generated for training")
         axis.grid(alpha=0.3)
     ax.set_ylabel("VADER sentiment, held-out (95% bootstrap)")
-    ax2.set_ylabel("perplexity under Gemma-3-270M")
+    ax2.set_ylabel("perplexity under Gemma-3-270M (geometric mean)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import random
+
+import pytest
 
 from altlm.claims import run_claims
 
@@ -74,7 +77,8 @@ def test_claims_match_a_hand_computation_and_hold_only_when_true():
     assert abs(ppl["estimate"] - 13.0 / 10.0) < 1e-9 and ppl["holds"]
     for claim in got["claims"]:
         lo, hi = claim["interval"]
-        assert lo <= claim["estimate"] <= hi or claim["claim"].startswith("Spearman"), claim
+        inside = lo - 1e-9 <= claim["estimate"] <= hi + 1e-9  # (a constant ratio's interval is one float wide)
+        assert inside or claim["claim"].startswith("Spearman"), claim
         if claim["target"].endswith("interval > 0"):
             assert claim["holds"] == (lo > 0), claim
     assert all(claim["holds"] for claim in got["claims"])
@@ -117,3 +121,20 @@ def test_undefined_claims_are_printed_and_reported_as_not_available(tmp_path, ca
     assert spearman["estimate"] is None and spearman["holds"] is False
     print_claims(back)
     assert "n/a" in capsys.readouterr().out
+
+
+def test_perplexity_ratio_is_a_ratio_of_geometric_means():
+    """One degenerate final completion (perplexity 9,000, under the arithmetic mean's 1e4 cap) must not flip the
+    fluency claim: the ratio is exp(mean log final − mean log reference) over prompts."""
+    recs = records({})
+    finals = [r for r in recs if r["iteration"] == 3 and r["feedback"] == "Most Positive"]
+    finals[0]["perplexity"] = 9000.0
+    got = by_name(run_claims(recs, WORDS, "Most Positive", higher_is_better=True, seed=1, n_boot=300))
+    ppl = got["perplexity ratio"]
+    by_prompt: dict = {}
+    for r in finals:
+        by_prompt.setdefault(r["prompt"], []).append(math.log(r["perplexity"]))
+    final_log = sum(sum(v) / len(v) for v in by_prompt.values()) / len(by_prompt)
+    assert ppl["estimate"] == pytest.approx(math.exp(final_log - math.log(10.0)))
+    assert ppl["estimate"] > 13.0 / 10.0  # the outlier counts, within reason
+    assert ppl["estimate"] < 1.5 and ppl["holds"]  # arithmetic means: (13 × 79 + 9000) / 80 / 10 ≈ 12.5

@@ -112,3 +112,12 @@ def test_steerability_skips_unscored_feedback_strings():
     assert metrics.steerability([None, float("nan"), 0.3]) == {"spearman_rho": None, "gap": None}
     s = metrics.steerability([0.1, None, 0.3])
     assert s["spearman_rho"] == pytest.approx(1.0) and s["gap"] == pytest.approx(0.2)
+
+
+def test_perplexity_geomean_is_exp_mean_log_and_robust_to_one_outlier():
+    assert metrics.perplexity_geomean([10.0, 1000.0]) == pytest.approx(100.0)
+    assert nan(metrics.perplexity_geomean([float("nan")])) and nan(metrics.perplexity_geomean([]))
+    typical = [40.0] * 199
+    # one degenerate completion under the cap: the capped mean moves by ~25, the geometric mean by ~4%
+    assert metrics.perplexity_mean(typical + [5000.0]) - 40.0 > 24
+    assert metrics.perplexity_geomean(typical + [5000.0]) / 40.0 < 1.05

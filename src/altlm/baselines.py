@@ -126,7 +126,7 @@ def point(samples: int, block: dict, metric: str) -> dict:
     for k in POINT_KEYS:
         key = f"{metric}_{k}" if k in ("mean", "gt_0_5") else f"{k}_{metric}"
         out[key] = block.get(key)
-    for k in ("perplexity", "dist_1", "dist_2", "dist_3", "reward_mean", "length_mean"):
+    for k in ("perplexity", "perplexity_geomean", "dist_1", "dist_2", "dist_3", "reward_mean", "length_mean"):
         out[k] = block.get(k)
     return out
 

@@ -24,9 +24,14 @@ def _by_prompt(records: list[dict], field: str = "score") -> dict[str, list[floa
     """Each prompt's values (NaN / missing left out), in the order the prompts first appear."""
     out: dict[str, list[float]] = {}
     for r in records:
-        v = r.get(field)
+        v = r.get("perplexity" if field == "log_perplexity" else field)
         values = out.setdefault(r["prompt"], [])
-        if v is not None and v == v and (field != "perplexity" or v < PPL_CAP):
+        if v is None or v != v or (field == "perplexity" and v >= PPL_CAP):
+            continue
+        if field == "log_perplexity":  # every finite perplexity, in log space (a geometric mean)
+            if 0 < v < math.inf:
+                values.append(math.log(v))
+        else:
             values.append(float(v))
     return out
 
@@ -164,16 +169,19 @@ def run_claims(
             _interval(fb - rb, 0.95)[0] > 0,
         )
     if ("final", exemplar) in conditions:
-        fe, fb = estimate_and_boot(per_prompt(("final", exemplar), "perplexity"))
-        re, rb = estimate_and_boot(per_prompt(("reference", "<none>"), "perplexity"))
+        # Geometric means (metrics.perplexity_geomean): the capped arithmetic mean swings with single degenerate
+        # completions, enough to flip this claim between two evaluations of one model.
+        fe, fb = estimate_and_boot(per_prompt(("final", exemplar), "log_perplexity"))
+        re, rb = estimate_and_boot(per_prompt(("reference", "<none>"), "log_perplexity"))
         if math.isfinite(fe) and math.isfinite(re):
+            ratio = math.exp(fe - re)
             claim(
-                "perplexity ratio: final (exemplar) / untagged reference",
+                "perplexity ratio (geometric means): final (exemplar) / untagged reference",
                 "<= 1.5",
-                fe / re,
-                fb / rb,
+                ratio,
+                np.exp(fb - rb),
                 0.95,
-                fe / re <= 1.5,
+                ratio <= 1.5,
             )
         fe, fb = estimate_and_boot(per_prompt(("final", exemplar), fn=_dist2))
         re, rb = estimate_and_boot(per_prompt(("reference", "<none>"), fn=_dist2))
