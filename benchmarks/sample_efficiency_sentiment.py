@@ -206,6 +206,9 @@ def analyse(res: dict, seed: int = 0) -> dict:
         est, b = boot(p)
         out["reference"][key] = {"mean": est, "interval_95": _ci(b)}
         reps[("reference", key)] = b
+    for lr, p in (res.get("grpo_lr_sweep") or {}).items():
+        est, b = boot(p)
+        out.setdefault("sweep", {})[lr] = {"mean": est, "interval_95": _ci(b)}
     for m, pts in series.items():
         out["means"][m] = {}
         for budget, p in sorted(pts.items(), key=lambda kv: int(kv[0])):
@@ -234,6 +237,15 @@ def analyse(res: dict, seed: int = 0) -> dict:
             for b in common
         }
     others = {m: pts for m, pts in series.items() if m != "alt"}
+    # The best baseline is the best *fluent* one: a final point whose perplexity (geometric mean) is more than 1.5×
+    # the reference's has bought its score with degenerate text (GRPO at lr 1e-3: 0.96 at 11× the perplexity).
+    ref_ppl = (ref.get("untagged") or {}).get("perplexity_geomean")
+    out["not_fluent"] = []
+    for m, pts in list(others.items()):
+        ppl = pts[max(pts, key=int)].get("perplexity_geomean")
+        if ref_ppl and ppl and ppl > 1.5 * ref_ppl:
+            out["not_fluent"].append(m)
+            del others[m]
     if alt and others:
         finals = {m: max(pts, key=int) for m, pts in others.items()}
         best = max(finals, key=lambda m: out["means"][m][finals[m]]["mean"])
@@ -322,13 +334,15 @@ def markdown(res: dict) -> str:
             f"(bootstrap 95%: {lo:.0%} – {hi_text}; ALT reached it in {s['replicates_reached']:.0%} of the "
             f"replicates within {s['alt_reached_within']} samples). Paper: ~20%.",
         ]
+    if a.get("not_fluent"):
+        names = ", ".join(LABELS[m] for m in a["not_fluent"])
+        lines += ["", f"Left out of the best baseline (final perplexity > 1.5× the reference's): {names}."]
     if res.get("grpo_lr_sweep"):
         lines += ["", "GRPO learning rate (TRL's default 1e-6 is for full fine-tuning; the policy here is LoRA):", ""]
-        lines += ["| learning rate | samples | sentiment mean | perplexity |", "|---|---|---|---|"]
+        lines += ["| learning rate | samples | sentiment mean [95%] | perplexity (mean) |", "|---|---|---|---|"]
         for lr, p in sorted(res["grpo_lr_sweep"].items(), key=lambda kv: float(kv[0])):
-            lines.append(
-                f"| {float(lr):g} | {p['samples']} | {_f(p['sentiment_mean'])} | {_f(p['perplexity'], '.1f')} |"
-            )
+            mean = a.get("sweep", {}).get(lr)
+            lines.append(f"| {float(lr):g} | {p['samples']} | {_iv(mean)} | {_f(p['perplexity'], '.1f')} |")
     lines += ["", "Settings per method:", "", "```json", json.dumps(res["meta"]["settings"], indent=1), "```", ""]
     return "\n".join(lines)
 
