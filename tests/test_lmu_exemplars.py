@@ -179,7 +179,9 @@ def test_an_lmu_run_samples_and_evaluates_under_the_commonest_sentences(tmp_path
     first = commonest([x for x in rows if x[2] == 1], best=True, k=2)
     tok = models.load_tokenizer("tiny-smollm2")
     template = Template(style="prefix", prefix_format="feedback: {feedback} input: ")
-    extra = {s: len(template.input_ids(tok, s, "x")) - len(template.input_ids(tok, None, "x")) for s, _ in RUN_SENTENCES}
+    extra = {
+        s: len(template.input_ids(tok, s, "x")) - len(template.input_ids(tok, None, "x")) for s, _ in RUN_SENTENCES
+    }
     assert len(set(extra.values())) == len(extra)
     plain = {p: len(template.input_ids(tok, None, p)) for p in {x[3] for x in rows}}
     used = Counter(next((s for s, n in extra.items() if n == t - plain[p]), None) for _, _, it, p, t in rows if it == 2)

@@ -174,7 +174,17 @@ def test_altlm_generate_samples_from_the_trained_quark_rows(tmp_path):
     t.train()
     fb, prompt = t.cfg.feedback_words[0], "The weather today is"
     r = run_altlm(
-        "generate", "--run", str(t.run), "--feedback", fb, "--json", "--seed", "3", "--max-new-tokens", "8", prompt,
+        "generate",
+        "--run",
+        str(t.run),
+        "--feedback",
+        fb,
+        "--json",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "8",
+        prompt,
         cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -187,7 +197,9 @@ def test_altlm_generate_samples_from_the_trained_quark_rows(tmp_path):
     assert got == [want[0].completion]
     # and not what the untrained rows give (else the comparison above could not tell them apart)
     base = checkpoint.base_model(meta, t.tokenizer)
-    untrained = sample(inference_model(base, amp), t.tokenizer, t.template, [(fb, prompt)], settings, t.added_ids, seed=3)
+    untrained = sample(
+        inference_model(base, amp), t.tokenizer, t.template, [(fb, prompt)], settings, t.added_ids, seed=3
+    )
     assert untrained[0].completion != got[0]
 
 
@@ -212,7 +224,9 @@ def deeper_tiny(n_layers: int):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("fraction, top", [(0.3, [7, 8, 9]), (0.5, [5, 6, 7, 8, 9]), (0.05, [9]), (1.0, list(range(10)))])
+@pytest.mark.parametrize(
+    "fraction, top", [(0.3, [7, 8, 9]), (0.5, [5, 6, 7, 8, 9]), (0.05, [9]), (1.0, list(range(10)))]
+)
 def test_top_fraction_trains_the_top_blocks_norm_embeddings_and_head(fraction, top):
     model = models.prepare_for_training(deeper_tiny(10), "top_fraction", fraction, {}, [])
     names = grad_names(model)
