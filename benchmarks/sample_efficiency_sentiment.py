@@ -326,12 +326,13 @@ def markdown(res: dict) -> str:
     if s:
         share = "not reached" if s["alt_share"] is None else f"{s['alt_share']:.0%}"
         lo, hi = s["share_interval_95"]
+        lo_text = "not reached" if lo >= 1e8 else f"{lo:.0%}"
         hi_text = "not reached" if hi >= 1e8 else f"{hi:.0%}"
         lines += [
             "",
             f"Share of the best baseline's samples ALT needs to reach its final score: best baseline "
             f"{LABELS[s['best_baseline']]} at {s['its_budget']} samples ({s['its_final_mean']:.3f}); ALT: {share} "
-            f"(bootstrap 95%: {lo:.0%} – {hi_text}; ALT reached it in {s['replicates_reached']:.0%} of the "
+            f"(bootstrap 95%: {lo_text} – {hi_text}; ALT reached it in {s['replicates_reached']:.0%} of the "
             f"replicates within {s['alt_reached_within']} samples). Paper: ~20%.",
         ]
     if a.get("not_fluent"):
