@@ -290,3 +290,18 @@ def test_out_of_memory_in_sampling_halves_the_batch(tiny, monkeypatch, capsys):
     assert len(out) == 7 and all(s is not None and s.completion_tokens >= 1 for s in out)
     assert sizes[0] == 7 and sum(s for s in sizes if s <= 2) == 7  # 7 → 3 + 4 → (1 + 2) + (2 + 2)
     assert "out of memory sampling 7 sequences" in capsys.readouterr().out
+
+
+def test_resume_of_a_run_made_before_a_config_key_existed(runs):
+    """A key added to altlm after a run was made (its config.yaml lacks it) counts at its default: the run resumes
+    with the default, and only a non-default value is a changed config."""
+    from altlm import runfolder
+
+    d = copy_run(runs, "between", "made before the ablation keys")
+    now = yaml.safe_load((d / "config.yaml").read_text())
+    older = {k: v for k, v in now.items() if k not in ("feedback_noise", "feedback_fraction")}
+    (d / "config.yaml").write_text(yaml.safe_dump(older))
+    progress = runfolder.check(d, now, resume=True)
+    assert progress.iteration_done >= 1 and not progress.finished
+    with pytest.raises(runfolder.AltlmError, match="keys differ: feedback_noise"):
+        runfolder.check(d, {**now, "feedback_noise": 0.3}, resume=True)

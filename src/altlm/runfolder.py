@@ -70,7 +70,10 @@ def check(run: Path, cfg: dict, resume: bool) -> Progress:
         ) from None
     if not isinstance(old, dict):
         raise AltlmError(f"--resume: '{cfg_path}' is not a config mapping; restore it or start a new run folder")
-    diff = sorted(k for k in cfg if k != "output_dir" and old.get(k) != cfg[k])
+    from .config import ALTConfig
+
+    defaults = ALTConfig().to_dict()  # a key added after the run was made counts at its default (it did not exist)
+    diff = sorted(k for k in cfg if k != "output_dir" and old.get(k, defaults.get(k)) != cfg[k])
     if diff:
         raise AltlmError(
             f"--resume: '{run}' was made with a different config (keys differ: {', '.join(diff)}); resume with the same config or pick another output_dir"
