@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -43,9 +40,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT))  # common.py, beside this script
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
+from common import run_altlm, save_figure, write_atomic  # noqa: E402
 
 from altlm import claims as C  # noqa: E402
 
@@ -207,28 +206,11 @@ def status(run: Path) -> dict:
 
 def run_point(name: str, work: Path, seconds: float, quick: bool, threads: int, judge_url: str | None) -> bool:
     """Runs (or resumes) a point for at most `seconds`; True when it finished."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    args = point_args(name, work, quick, threads, judge_url)
-    p = subprocess.Popen(
-        [sys.executable, "-m", "altlm", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, err = p.communicate(timeout=max(1.0, seconds))
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C: stops at once, everything saved so far is kept
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+    code, err, stopped = run_altlm(point_args(name, work, quick, threads, judge_url), seconds)
+    if stopped:
         return False
-    if p.returncode != 0:
-        raise SystemExit(f"ablations: point {name} failed (exit {p.returncode}): {err.strip()[-800:]}")
+    if code != 0:
+        raise SystemExit(f"ablations: point {name} failed (exit {code}): {err.strip()[-800:]}")
     return True
 
 
@@ -314,9 +296,7 @@ def _fmt(x: dict | None, f: str = "+.4f") -> str:
 
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "ablations.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "ablations.json")
+    write_atomic(out / "ablations.json", json.dumps(results, indent=2))
     lines = [
         "# Feedback ablations: noise, frequency, granularity, against SFT",
         "",
@@ -362,9 +342,7 @@ def write(results: dict, out: Path) -> None:
     lines += ["", "Overrides per point (on top of the recipe and the evaluation settings):", ""]
     lines += [f"- `{p['point']}`: `{' '.join(p['overrides']) or '(none)'}`" for p in results["points"]]
     lines += ["", f"Evaluation settings of every point: `{' '.join(EVAL)}`", ""]
-    tmp = out / "ablations.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, out / "ablations.md")
+    write_atomic(out / "ablations.md", "\n".join(lines))
     plot(results, out)
 
 
@@ -405,10 +383,7 @@ def plot(results: dict, out: Path) -> None:
         ax[0].legend()
     ax[1].axhline(0.0, ls="--", c="gray")
     fig.tight_layout()
-    tmp = out / "ablations.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out / "ablations.png")
+    save_figure(fig, out / "ablations.png", dpi=100)
 
 
 def main(argv=None) -> int:

@@ -23,11 +23,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT))  # common.py, beside this script
 
 from altlm import baselines as B  # noqa: E402
 from altlm.config import load_config  # noqa: E402
 from altlm.errors import AltlmError  # noqa: E402
 from altlm.evaluation import clean  # noqa: E402
+from common import save_figure, write_atomic  # noqa: E402
 
 METHODS = ["alt", "quark", "sft", "best_of_n", "ppo", "rloo"]
 LABELS = {
@@ -185,14 +187,6 @@ def targets(res: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def write_atomic(path: Path, data: bytes | str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600
-    os.replace(tmp, path)
-
-
 def _fmt(x, f=".4f"):
     return "–" if x is None or x != x else format(x, f)
 
@@ -259,12 +253,7 @@ def plot(results: list[dict], path: Path) -> None:
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

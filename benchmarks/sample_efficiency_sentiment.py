@@ -28,10 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,12 +37,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT))  # common.py, beside this script
 
 from altlm import baselines as B  # noqa: E402
 from altlm.config import load_config  # noqa: E402
 from altlm.errors import AltlmError  # noqa: E402
 from altlm import metrics  # noqa: E402
 from altlm.evaluation import clean  # noqa: E402
+from common import run_altlm, save_figure, write_atomic  # noqa: E402
 
 NAME = "sample_efficiency_sentiment"
 LABELS = {"alt": "ALT-RM", "grpo": "GRPO (TRL)", "rloo": "RLOO (TRL)", "ppo": "PPO (TRL)", "best_of_n": "best-of-n SFT"}
@@ -97,26 +96,11 @@ def run_alt(work: Path, budget: int, round_size: int, quick: bool, threads: int,
     ]
     if (run / "summary.json").exists():
         return True
-    p = subprocess.Popen(
-        [sys.executable, "-m", "altlm", *args],
-        env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, err = p.communicate(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C: the run keeps everything it saved and resumes next time
-        try:
-            p.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+    code, err, stopped = run_altlm(args, seconds, grace=120)
+    if stopped:
         return False
-    if p.returncode != 0:
-        raise AltlmError(f"the ALT run in {run} failed (exit {p.returncode}): {err.strip()[-400:]}")
+    if code != 0:
+        raise AltlmError(f"the ALT run in {run} failed (exit {code}): {err.strip()[-400:]}")
     return True
 
 
@@ -386,22 +370,13 @@ def plot(res: dict, path: Path) -> None:
     ax2.set_ylabel("perplexity under Gemma-3-270M (geometric mean)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def write(out: Path, res: dict) -> None:
     res["analysis"] = analyse(res)
-    for name, text in ((f"{NAME}.json", json.dumps(clean(res), indent=1)), (f"{NAME}.md", markdown(res))):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out / name)
+    write_atomic(out / f"{NAME}.json", json.dumps(clean(res), indent=1))
+    write_atomic(out / f"{NAME}.md", markdown(res))
     plot(res, out / f"{NAME}.png")
 
 

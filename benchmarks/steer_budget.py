@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +27,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT))  # common.py, beside this script
 
 import yaml  # noqa: E402
+from common import run_altlm, save_figure  # noqa: E402
 
 from altlm.evaluation import steerability  # noqa: E402
 
@@ -90,29 +90,10 @@ def run_task(task: str, work: Path, seconds: float, quick: bool, threads: int) -
         "--resume",
         str(run),
     ]  # --config + --resume: starts it, or goes on
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     t0 = time.time()
-    p = subprocess.Popen(
-        [sys.executable, "-m", "altlm", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, err = p.communicate(timeout=seconds)
-        stopped = False
-        if p.returncode not in (0, 2) or (p.returncode == 2 and "already finished" not in err):
-            raise SystemExit(f"steer_budget: {task} run failed (exit {p.returncode}): {err.strip()[-500:]}")
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C: stops at once, everything saved so far is kept
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-        stopped = True
+    code, err, stopped = run_altlm(args, seconds)
+    if not stopped and code != 0 and not (code == 2 and "already finished" in err):
+        raise SystemExit(f"steer_budget: {task} run failed (exit {code}): {err.strip()[-500:]}")
     return {"run": str(run), "seconds": round(time.time() - t0, 1), "stopped_at_budget": stopped, "curve": curve(run)}
 
 
@@ -223,7 +204,7 @@ def write(results: dict, out: Path) -> None:
     for a in ax:
         a.legend()
     fig.tight_layout()
-    fig.savefig(out / "steer_budget.png", dpi=100)
+    save_figure(fig, out / "steer_budget.png", dpi=100)
 
 
 def main(argv=None) -> int:

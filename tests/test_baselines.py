@@ -139,17 +139,29 @@ def test_sentiment_curve_quick_with_grpo_and_point_resume(tmp_path, capsys):
     assert not list(out.glob(".*"))
 
 
-def test_sentiment_curve_alt_time_box_resumes_exactly(tmp_path):
-    """ALT's run stopped by the time box (Ctrl-C) and resumed gives the points of a run never stopped, to the bit."""
+def test_sentiment_curve_alt_stopped_part_way_resumes_exactly(tmp_path, monkeypatch):
+    """ALT's run stopped after its first point and resumed by the next invocation gives the points of a run never
+    stopped, to the bit. The stop is aimed by progress (a kill at the second iteration's first training step, the
+    time box's last resort), not by a deadline: the quick run can finish inside any deadline on a fast machine."""
     se = _sentiment_script()
     straight = tmp_path / "straight"
     args = ["--quick", "--threads", "1", "--methods", "alt"]
     assert se.main([*args, "--out", str(straight), "--work", str(straight / "w")]) == 0
+    real = se.run_altlm
+
+    def killed_in_iteration_2(altlm_args, seconds, grace=60.0):
+        monkeypatch.setenv("ALTLM_FAILPOINT", "train:3")  # 2 training steps per iteration
+        code, err, _ = real(altlm_args, seconds, grace)
+        monkeypatch.delenv("ALTLM_FAILPOINT")
+        assert code == -9, err[-2000:]
+        return code, err, True
+
+    monkeypatch.setattr(se, "run_altlm", killed_in_iteration_2)
     cut = tmp_path / "cut"
-    assert se.main([*args, "--minutes", "0.15", "--out", str(cut), "--work", str(cut / "w")]) == 0
-    stopped = _points(cut).get("alt", {})
-    assert len(stopped) < 2, "the time box did not stop the run (it finished in 9 s)"
+    assert se.main([*args, "--out", str(cut), "--work", str(cut / "w")]) == 0
+    assert list(_points(cut).get("alt", {})) == ["16"]
     assert not (cut / "w" / "alt" / "summary.json").exists()
+    monkeypatch.setattr(se, "run_altlm", real)
     assert se.main([*args, "--out", str(cut), "--work", str(cut / "w")]) == 0
     want, got = _points(straight)["alt"], _points(cut)["alt"]
     assert list(got) == ["16", "32"]
@@ -165,3 +177,21 @@ def test_sentiment_curve_bad_arguments(tmp_path, capsys):
     assert se.main(["--quick", "--budgets", "grpo:x", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("sample_efficiency_sentiment: ") for line in err)
+
+
+def test_benchmark_time_box_stops_a_run_with_ctrl_c(tmp_path):
+    """benchmarks/common.run_altlm at its deadline: the run gets Ctrl-C and stops by itself (exit code not SIGKILL's),
+    even when this test runs in a background shell that started it with SIGINT ignored. `serve` never ends alone,
+    so the deadline is what stops it, on any machine."""
+    import signal
+
+    spec = importlib.util.spec_from_file_location("common", ROOT / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a `cmd &` in a script leaves it for its children
+    try:
+        code, err, stopped = common.run_altlm(["serve", "--model", "tiny-smollm2", "--port", "0"], 3, grace=300)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stopped
+    assert code != -signal.SIGKILL, "Ctrl-C did not stop it: it was killed after the grace period"

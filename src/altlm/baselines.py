@@ -481,18 +481,12 @@ def run_ppo(
     return cb.points, time.time() - t0
 
 
-def run_rloo(
-    h: Harness, budgets: list[int], rollout: int, k: int, minibatch: int, lr: float, out_dir: Path
-) -> tuple[list[dict], float]:
-    """TRL's RLOOTrainer: `rollout` completions per generation round (k per prompt, leave-one-out baseline),
-    `rollout // minibatch` optimiser steps on each; β = the task's kl_coef; same temperature/top-p/length."""
-    _require_trl("RLOO")
+def _train_on_reward(h: Harness, name: str, trainer_cls, args, budgets: list[int], per_step: int) -> list[dict]:
+    """TRL's online trainer `trainer_cls` (GRPO, RLOO) on the training prompts, rewarded by the task's scorer as a
+    plain function; evaluated at each budget (`per_step` completions scored per optimiser step)."""
     from datasets import Dataset
-    from trl import RLOOConfig, RLOOTrainer
 
-    budgets = check_budgets(budgets, rollout)
-    c, t0 = h.cfg, time.time()
-    torch.manual_seed(c.seed)
+    torch.manual_seed(h.cfg.seed)
     policy = h.policy()
     generated = [0]
 
@@ -501,7 +495,31 @@ def run_rloo(
         return h.reward(h.scorer.score(list(prompts), list(completions)))
 
     reward_fn.__name__ = f"{h.metric}_reward"
-    steps = budgets[-1] // minibatch
+    cb = _BudgetCallback(h, policy, budgets, name, lambda s: s.global_step * per_step)
+    trainer = trainer_cls(
+        model=policy,
+        reward_funcs=reward_fn,
+        args=args,
+        processing_class=h.tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": list(h.prompts.train)}),
+        callbacks=[cb],
+    )
+    trainer.train()
+    if generated[0] != budgets[-1]:
+        print(f"warning: {name.upper()} scored {generated[0]} samples, expected {budgets[-1]}")
+    return cb.points
+
+
+def run_rloo(
+    h: Harness, budgets: list[int], rollout: int, k: int, minibatch: int, lr: float, out_dir: Path
+) -> tuple[list[dict], float]:
+    """TRL's RLOOTrainer: `rollout` completions per generation round (k per prompt, leave-one-out baseline),
+    `rollout // minibatch` optimiser steps on each; β = the task's kl_coef; same temperature/top-p/length."""
+    _require_trl("RLOO")
+    from trl import RLOOConfig, RLOOTrainer
+
+    budgets = check_budgets(budgets, rollout)
+    c, t0 = h.cfg, time.time()
     args = RLOOConfig(
         **_trl_common(h, out_dir, lr),
         per_device_train_batch_size=minibatch,
@@ -512,23 +530,12 @@ def run_rloo(
         temperature=c.temperature,
         top_p=c.top_p,
         beta=c.kl_coef,
-        max_steps=steps,
+        max_steps=budgets[-1] // minibatch,
         num_iterations=1,
         log_completions=False,
     )
-    cb = _BudgetCallback(h, policy, budgets, "rloo", lambda s: s.global_step * minibatch)
-    trainer = RLOOTrainer(
-        model=policy,
-        reward_funcs=reward_fn,
-        args=args,
-        processing_class=h.tokenizer,
-        train_dataset=Dataset.from_dict({"prompt": list(h.prompts.train)}),
-        callbacks=[cb],
-    )
-    trainer.train()
-    if generated[0] != budgets[-1]:
-        print(f"warning: RLOO scored {generated[0]} samples, expected {budgets[-1]}")
-    return cb.points, time.time() - t0
+    points = _train_on_reward(h, "rloo", RLOOTrainer, args, budgets, minibatch)
+    return points, time.time() - t0
 
 
 # GRPO's settings that differ from TRL's GRPOConfig defaults, each with its reason; everything else is TRL's default
@@ -548,7 +555,6 @@ def run_grpo(
     top-p and completion length as the other methods; TRL's defaults otherwise, except GRPO_OVERRIDES (and
     `overrides`). Returns (points, seconds, the settings that differ from the defaults)."""
     _require_trl("GRPO")
-    from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     settings = {**GRPO_OVERRIDES, **(overrides or {})}
@@ -557,15 +563,6 @@ def run_grpo(
     probe = GRPOConfig(output_dir=str(out_dir), use_cpu=True)
     per_round = probe.per_device_train_batch_size * probe.gradient_accumulation_steps  # completions per step
     budgets = check_budgets(budgets, per_round)
-    torch.manual_seed(c.seed)
-    policy = h.policy()
-    generated = [0]
-
-    def reward_fn(prompts, completions, **_):
-        generated[0] += len(completions)
-        return h.reward(h.scorer.score(list(prompts), list(completions)))
-
-    reward_fn.__name__ = f"{h.metric}_reward"
     args = GRPOConfig(
         **common,
         max_completion_length=c.max_new_tokens,
@@ -574,18 +571,7 @@ def run_grpo(
         max_steps=budgets[-1] // per_round,
         log_completions=False,
     )
-    cb = _BudgetCallback(h, policy, budgets, "grpo", lambda s: s.global_step * per_round)
-    trainer = GRPOTrainer(
-        model=policy,
-        reward_funcs=reward_fn,
-        args=args,
-        processing_class=h.tokenizer,
-        train_dataset=Dataset.from_dict({"prompt": list(h.prompts.train)}),
-        callbacks=[cb],
-    )
-    trainer.train()
-    if generated[0] != budgets[-1]:
-        print(f"warning: GRPO scored {generated[0]} samples, expected {budgets[-1]}")
+    points = _train_on_reward(h, "grpo", GRPOTrainer, args, budgets, per_round)
     differs = {k: getattr(args, k) for k in ("learning_rate", "max_completion_length", "temperature", "top_p", "beta")}
     differs.update(num_generations=args.num_generations, loss_type=args.loss_type, samples_per_step=per_round)
-    return cb.points, time.time() - t0, differs
+    return points, time.time() - t0, differs
