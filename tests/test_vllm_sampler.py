@@ -153,6 +153,33 @@ def test_check_on_a_lora_policy_with_bf16_frozen_weights_passes_and_a_changed_he
     assert v.check(policy, tok, template, REQUESTS, SETTINGS) < 1e-3
 
 
+def test_check_compares_against_the_engines_weights_in_eval_mode(fresh_tiny, tmp_path, monkeypatch):
+    """What check() runs the policy as: LoRA merged, every weight in the engine's dtype (what vLLM loaded), eval
+    mode (no dropout). The gap alone cannot show this on the tiny model: fp32 instead of bf16 moves it from 3e-4 to
+    1e-3 nats, too thin a margin to assert on every CPU."""
+    import altlm.loss
+
+    model, tok = fresh_tiny
+    policy, template, _ = lora_policy(model, tok)
+    seen = []
+    real = altlm.loss.target_logits
+
+    def spy(m, *args, **kwargs):
+        dtypes = {p.dtype for p in m.parameters()}
+        lora = any("lora_" in name for name, _ in m.named_parameters())
+        seen.append((dtypes, lora, any(x.training for x in m.modules())))
+        return real(m, *args, **kwargs)
+
+    monkeypatch.setattr(altlm.loss, "target_logits", spy)
+    for dtype in (torch.bfloat16, torch.float16):  # the engine's dtype by compute capability
+        v = VLLMSampler(tmp_path / str(dtype), seed=3, engine=stand_in(), dtype=dtype)
+        v.sync(policy, tok)
+        seen.clear()
+        v.check(policy, tok, template, REQUESTS, SETTINGS)
+        assert seen and all(s == ({dtype}, False, False) for s in seen), seen
+    assert policy.training and {p.dtype for p in policy.parameters()} == {torch.float32, torch.bfloat16}
+
+
 def test_check_refuses_when_nothing_was_compared(fresh_tiny, tmp_path):
     model, tok = with_separator(*fresh_tiny)
     v = VLLMSampler(tmp_path / "w", engine=stand_in(drop_logprobs=True), dtype=torch.bfloat16)
