@@ -24,8 +24,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -p no:randomly  # two workers, a test file each; fixed order
 
-test-random: $(STAMP)  # the same suite in a random order (pytest-randomly prints its seed; -p randomly_seed=N replays it)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -p randomly
+test-random: $(STAMP)  # the suite in a random order; pytest-randomly prints its seed, `make test-random SEED=N` replays it
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -p randomly $(if $(SEED),--randomly-seed=$(SEED))
 
 lint: $(STAMP)  # ruff (pyproject.toml [tool.ruff]): the linter and the formatter's check
 	$(BIN)/ruff check src tests benchmarks
