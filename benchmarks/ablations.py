@@ -230,6 +230,23 @@ def paired_difference(records: list[dict], a: tuple[int, str], b: tuple[int, str
     return {"estimate": float(diff.mean()), "interval": C._interval(diff[picks].mean(1), 0.95)}
 
 
+def gap_by_prompt(records: list[dict], iteration: int) -> dict[str, float]:
+    """Per held-out prompt: mean score under the best string − under the worst, at `iteration`."""
+    by = {}
+    for word in (BEST, WORST):
+        by[word] = C._by_prompt([r for r in records if r["iteration"] == iteration and r["feedback"] == word])
+    return {p: float(np.mean(by[BEST][p]) - np.mean(by[WORST][p])) for p in by[BEST] if by[WORST].get(p)}
+
+
+def gap_vs_base(point: dict, base: dict, seed: int = 0) -> dict:
+    """This point's final best − worst gap minus the base's, paired over the held-out prompts both evaluated (the
+    same prompts, the same reference: the reference's priming gap cancels), with a 95% bootstrap interval."""
+    prompts = [p for p in base["gap_by_prompt"] if p in point["gap_by_prompt"]]
+    diff = np.array([point["gap_by_prompt"][p] - base["gap_by_prompt"][p] for p in prompts])
+    picks = np.random.default_rng(seed).integers(0, len(prompts), size=(C.N_BOOT, len(prompts)))
+    return {"estimate": float(diff.mean()), "interval": C._interval(diff[picks].mean(1), 0.95)}
+
+
 def claim(summary_claims: dict, prefix: str) -> dict | None:
     found = [c for c in summary_claims["claims"] if c["claim"].startswith(prefix)]
     return {"estimate": found[0]["estimate"], "interval": found[0]["interval"]} if found else None
@@ -281,6 +298,7 @@ def read_point(name: str, run: Path) -> dict:
         if any(r["iteration"] == last and r["feedback"] is None for r in records)
         else None,
         wall_seconds=summary.get("wall_seconds"),
+        gap_by_prompt=gap_by_prompt(records, last),
     )
     return out
 
@@ -306,6 +324,8 @@ def write(results: dict, out: Path) -> None:
         "Each point is the demo (recipe `sentiment-demo`) with one change; VADER compound sentiment, higher is",
         "better; 95% bootstrap intervals over the held-out prompts (99% for best − worst). *beyond priming*: the",
         "final model's best − worst gap minus the untrained reference's gap under the same two strings.",
+        "*gap − base's gap*: this point's final best − worst gap minus the base's, paired over the same held-out",
+        "prompts (95%): how much steering the change cost (negative) or bought.",
         "`sft` is trained on its own samples with no feedback at all (use_feedback=false, not filtered): its row",
         "*untagged − reference* is what fine-tuning on the samples gives without conditioning; its tagged rows",
         "measure only how the fine-tuned model reacts to tags it never saw. The judge points are ALT-LMC with a",
@@ -313,8 +333,8 @@ def write(results: dict, out: Path) -> None:
         "evaluation samples are re-scored with VADER.",
         "",
         "| point | status | labelled / generated (noised) | under best string | best − untagged reference "
-        "| best − worst | beyond priming | perplexity ratio | untagged − reference |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| best − worst | beyond priming | gap − base's gap | perplexity ratio | untagged − reference |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in results["points"]:
         state = p["status"] if p["status"] != "stopped" else f"stopped ({p['iteration_done']}/{p['iterations']})"
@@ -323,7 +343,7 @@ def write(results: dict, out: Path) -> None:
         lines.append(
             f"| {p['point']} | {state} | {rows} | {_fmt(p.get('best_feedback'))} | "
             f"{_fmt(p.get('exemplar_vs_reference'))} | "
-            f"{_fmt(p.get('best_minus_worst'))} | {_fmt(p.get('beyond_priming'))} | "
+            f"{_fmt(p.get('best_minus_worst'))} | {_fmt(p.get('beyond_priming'))} | {_fmt(p.get('gap_vs_base'))} | "
             f"{_fmt(p.get('perplexity_ratio'), '.2f')} | {_fmt(p.get('untagged_vs_reference'))} |"
         )
     judged = [p for p in results["points"] if p.get("judge")]
@@ -412,12 +432,17 @@ def main(argv=None) -> int:
     finally:
         if judge is not None:
             judge.close()
+    points = [read_point(name, work / name) for name in args.points]
+    base = next((p for p in points if p["point"] == "base" and p["status"] == "finished"), None)
+    for p in points:
+        if base is not None and p is not base and p["status"] == "finished":
+            p["gap_vs_base"] = gap_vs_base(p, base)
     results = {
         "command": command,
         "minutes": args.minutes,
         "quick": args.quick,
         "work": str(work),
-        "points": [read_point(name, work / name) for name in args.points],
+        "points": points,
     }
     write(results, Path(args.out))
     return 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,12 +52,6 @@ ARGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(cmd: list[str], cwd: Path, failpoint: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     env.pop("ALTLM_FAILPOINT", None)
@@ -78,12 +71,9 @@ def torchrun() -> list[str]:
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # torchrun's own store on a port it binds itself: no port picked here, so none to race for
         "--nproc_per_node",
         "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
     ]
 
 
@@ -100,7 +90,7 @@ def accelerate(config: str) -> list[str]:
         "--main_process_ip",
         "127.0.0.1",
         "--main_process_port",
-        str(free_port()),
+        "0",  # bound by torch's static rendezvous itself (a port picked here and released could be taken meanwhile)
     ]
 
 

@@ -136,7 +136,8 @@ def test_lora_run_killed_mid_training_and_mid_sampling_resumes_exactly(uninterru
 
 
 def test_sigkill_at_a_random_moment_from_outside(uninterrupted):
-    """No hook: the parent kills the process at a random moment after its next commit, then resumes, until it ends.
+    """No hook: the parent kills the process at a random moment after its next commit and resumes it, four times;
+    the fifth attempt runs to the end.
 
     The kill is aimed by progress, not by wall time: on a loaded machine start-up alone can outlast any fixed delay,
     and kills that all land before the run exists would compare a straight run with a straight run."""
@@ -148,7 +149,7 @@ def test_sigkill_at_a_random_moment_from_outside(uninterrupted):
     args = ["train", "--config", "smoke", f"output_dir={run}", "training_mode=full", *CRASH]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     mid_run = 0  # kills that landed while the run existed and was not finished: without one, nothing was tested
-    for _attempt in range(20):
+    for attempt in range(5):
         before = state.read_text() if state.exists() else None
         # the same command each time: `--resume` starts the run when it does not exist yet
         cmd = [sys.executable, "-m", "altlm", *args, "--resume", str(run)]
@@ -156,7 +157,7 @@ def test_sigkill_at_a_random_moment_from_outside(uninterrupted):
         while p.poll() is None and (not state.exists() or state.read_text() == before):
             time.sleep(0.02)  # wait for this process's first commit, so every attempt moves the run forward
         try:
-            p.wait(timeout=rng.uniform(0.0, 2.0))
+            p.wait(timeout=rng.uniform(0.0, 2.0) if attempt < 4 else None)
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
@@ -166,8 +167,6 @@ def test_sigkill_at_a_random_moment_from_outside(uninterrupted):
         # (a kill that lands after the run's last commit leaves a finished run: resuming it is refused, rightly)
         assert p.returncode == 0 or (p.returncode == 2 and "already finished" in err), err[-3000:]
         break
-    else:
-        pytest.fail("the run never finished in 20 attempts")
     assert mid_run >= 1, "no kill landed inside the run: this compared a straight run with a straight run"
     got = comparable(run)
     for key in ("pool", "metrics", "eval_samples", "summary", "weights"):

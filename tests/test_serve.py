@@ -158,7 +158,7 @@ def test_huge_announced_body_is_refused_unread(server):
         server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n"
     )
     assert got == 413 and is_openai_error(answer), answer
-    assert seconds < READ_TIMEOUT / 2
+    assert seconds < READ_TIMEOUT  # (a server that waited for the body would answer 408 after READ_TIMEOUT)
 
 
 def test_body_that_never_arrives_times_out(server):
@@ -166,7 +166,8 @@ def test_body_that_never_arrives_times_out(server):
         server, b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"messages"'
     )
     assert got == 408 and is_openai_error(answer), answer
-    assert READ_TIMEOUT * 0.9 < seconds < READ_TIMEOUT + 3
+    # the upper bound has room for a busy machine; a server that never times out makes raw() raise at 10 s
+    assert READ_TIMEOUT * 0.9 < seconds < READ_TIMEOUT + 6
 
 
 def test_trickled_body_times_out_on_the_total_not_per_read(server):
@@ -190,15 +191,15 @@ def test_trickled_body_times_out_on_the_total_not_per_read(server):
     finally:
         stop.set()
     assert got == 408 and is_openai_error(answer), answer
-    assert seconds < READ_TIMEOUT + 3
+    assert seconds < READ_TIMEOUT + 6  # a per-read timeout never fires: raw() raises at 10 s
 
 
 def test_idle_connection_is_closed(server):
     """A client that connects and sends nothing frees its thread after the read timeout."""
-    with socket.create_connection(server.server_address[:2], timeout=READ_TIMEOUT + 5) as sock:
+    with socket.create_connection(server.server_address[:2], timeout=READ_TIMEOUT + 8) as sock:
         start = time.monotonic()
         assert sock.recv(1) == b""
-        assert time.monotonic() - start < READ_TIMEOUT + 3
+        assert time.monotonic() - start < READ_TIMEOUT + 6
 
 
 @pytest.mark.parametrize(
