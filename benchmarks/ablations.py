@@ -247,6 +247,22 @@ def gap_vs_base(point: dict, base: dict, seed: int = 0) -> dict:
     return {"estimate": float(diff.mean()), "interval": C._interval(diff[picks].mean(1), 0.95)}
 
 
+def pool_gap(run: Path, rescore: bool) -> dict | None:
+    """The contrast the feedback carries: mean VADER score of the pool rows trained under the best string minus
+    under the worst (after noise: what the model was shown). The model's gap can only approach it."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{run / 'pool.sqlite'}?mode=ro", uri=True)
+    query = "SELECT prompt, completion, feedback, score FROM samples WHERE valid AND dropped_at IS NULL AND feedback IN (?, ?)"
+    rows = db.execute(query, (BEST, WORST)).fetchall()
+    db.close()
+    if not {r[2] for r in rows} >= {BEST, WORST}:
+        return None
+    scores = vader().score([r[0] for r in rows], [r[1] for r in rows]) if rescore else [r[3] for r in rows]
+    by = {word: [x for r, x in zip(rows, scores) if r[2] == word] for word in (BEST, WORST)}
+    return {"gap": float(np.mean(by[BEST]) - np.mean(by[WORST])), "rows": {w: len(v) for w, v in by.items()}}
+
+
 def claim(summary_claims: dict, prefix: str) -> dict | None:
     found = [c for c in summary_claims["claims"] if c["claim"].startswith(prefix)]
     return {"estimate": found[0]["estimate"], "interval": found[0]["interval"]} if found else None
@@ -299,6 +315,7 @@ def read_point(name: str, run: Path) -> dict:
         else None,
         wall_seconds=summary.get("wall_seconds"),
         gap_by_prompt=gap_by_prompt(records, last),
+        pool_gap=None if name == "sft" else pool_gap(run, rescore=name.startswith("judge")),
     )
     return out
 
@@ -325,7 +342,9 @@ def write(results: dict, out: Path) -> None:
         "better; 95% bootstrap intervals over the held-out prompts (99% for best − worst). *beyond priming*: the",
         "final model's best − worst gap minus the untrained reference's gap under the same two strings.",
         "*gap − base's gap*: this point's final best − worst gap minus the base's, paired over the same held-out",
-        "prompts (95%): how much steering the change cost (negative) or bought.",
+        "prompts (95%): how much steering the change cost (negative) or bought. *pool's gap*: mean score of the",
+        "active pool rows trained under the best string − under the worst (after noise): the contrast the model",
+        "was shown, which its own gap can at most approach (no interval: it is the training data, not a sample).",
         "`sft` is trained on its own samples with no feedback at all (use_feedback=false, not filtered): its row",
         "*untagged − reference* is what fine-tuning on the samples gives without conditioning; its tagged rows",
         "measure only how the fine-tuned model reacts to tags it never saw. The judge points are ALT-LMC with a",
@@ -333,8 +352,8 @@ def write(results: dict, out: Path) -> None:
         "evaluation samples are re-scored with VADER.",
         "",
         "| point | status | labelled / generated (noised) | under best string | best − untagged reference "
-        "| best − worst | beyond priming | gap − base's gap | perplexity ratio | untagged − reference |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| best − worst | beyond priming | gap − base's gap | pool's gap | perplexity ratio | untagged − reference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in results["points"]:
         state = p["status"] if p["status"] != "stopped" else f"stopped ({p['iteration_done']}/{p['iterations']})"
@@ -344,6 +363,7 @@ def write(results: dict, out: Path) -> None:
             f"| {p['point']} | {state} | {rows} | {_fmt(p.get('best_feedback'))} | "
             f"{_fmt(p.get('exemplar_vs_reference'))} | "
             f"{_fmt(p.get('best_minus_worst'))} | {_fmt(p.get('beyond_priming'))} | {_fmt(p.get('gap_vs_base'))} | "
+            f"{'–' if not p.get('pool_gap') else format(p['pool_gap']['gap'], '+.3f')} | "
             f"{_fmt(p.get('perplexity_ratio'), '.2f')} | {_fmt(p.get('untagged_vs_reference'))} |"
         )
     judged = [p for p in results["points"] if p.get("judge")]
