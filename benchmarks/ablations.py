@@ -438,7 +438,9 @@ def main(argv=None) -> int:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + args.minutes * 60
-    judge = start_judge(work) if any(p.startswith("judge") for p in args.points) else None
+    # the scripted judge only where a judge point will run: rebuilding the tables must not need its port
+    to_run = [p for p in args.points if status(work / p)["status"] != "finished"]
+    judge = start_judge(work) if args.minutes > 0 and any(p.startswith("judge") for p in to_run) else None
     command = "python benchmarks/ablations.py " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         for name in args.points:
