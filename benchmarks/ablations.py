@@ -225,8 +225,12 @@ def paired_difference(records: list[dict], a: tuple[int, str], b: tuple[int, str
     prompts = [p for p in by[b] if by[a].get(p) and by[b].get(p)]
     if not prompts:
         return {"estimate": None, "interval": [None, None]}
-    diff = np.array([np.mean(by[a][p]) - np.mean(by[b][p]) for p in prompts])
-    picks = np.random.default_rng(seed).integers(0, len(prompts), size=(C.N_BOOT, len(prompts)))
+    return mean_over_prompts(np.array([np.mean(by[a][p]) - np.mean(by[b][p]) for p in prompts]), seed)
+
+
+def mean_over_prompts(diff: np.ndarray, seed: int) -> dict:
+    """The mean of per-prompt differences, with a 95% bootstrap interval over the prompts."""
+    picks = np.random.default_rng(seed).integers(0, len(diff), size=(C.N_BOOT, len(diff)))
     return {"estimate": float(diff.mean()), "interval": C._interval(diff[picks].mean(1), 0.95)}
 
 
@@ -242,9 +246,7 @@ def gap_vs_base(point: dict, base: dict, seed: int = 0) -> dict:
     """This point's final best − worst gap minus the base's, paired over the held-out prompts both evaluated (the
     same prompts, the same reference: the reference's priming gap cancels), with a 95% bootstrap interval."""
     prompts = [p for p in base["gap_by_prompt"] if p in point["gap_by_prompt"]]
-    diff = np.array([point["gap_by_prompt"][p] - base["gap_by_prompt"][p] for p in prompts])
-    picks = np.random.default_rng(seed).integers(0, len(prompts), size=(C.N_BOOT, len(prompts)))
-    return {"estimate": float(diff.mean()), "interval": C._interval(diff[picks].mean(1), 0.95)}
+    return mean_over_prompts(np.array([point["gap_by_prompt"][p] - base["gap_by_prompt"][p] for p in prompts]), seed)
 
 
 def pool_gap(run: Path, rescore: bool) -> dict | None:
@@ -253,7 +255,10 @@ def pool_gap(run: Path, rescore: bool) -> dict | None:
     import sqlite3
 
     db = sqlite3.connect(f"file:{run / 'pool.sqlite'}?mode=ro", uri=True)
-    query = "SELECT prompt, completion, feedback, score FROM samples WHERE valid AND dropped_at IS NULL AND feedback IN (?, ?)"
+    query = (
+        "SELECT prompt, completion, feedback, score FROM samples "
+        "WHERE valid AND dropped_at IS NULL AND feedback IN (?, ?)"
+    )
     rows = db.execute(query, (BEST, WORST)).fetchall()
     db.close()
     if not {r[2] for r in rows} >= {BEST, WORST}:
@@ -352,7 +357,8 @@ def write(results: dict, out: Path) -> None:
         "evaluation samples are re-scored with VADER.",
         "",
         "| point | status | labelled / generated (noised) | under best string | best − untagged reference "
-        "| best − worst | beyond priming | gap − base's gap | pool's gap | perplexity ratio | untagged − reference |",
+        "| best − worst | beyond priming | gap − base's gap | pool's gap | perplexity ratio "
+        "| untagged − reference |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in results["points"]:
