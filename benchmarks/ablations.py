@@ -215,17 +215,14 @@ def run_point(name: str, work: Path, seconds: float, quick: bool, threads: int, 
 
 
 # ---------------------------------------------------------------- reading a point's results
-def paired_difference(records: list[dict], a: tuple[int, str], b: tuple[int, str], seed: int = 0) -> dict:
-    """Mean score of condition a − condition b ((iteration, feedback or "<none>")), paired over prompts, with a 95%
-    bootstrap interval (claims.py's resampling: the prompts of the untagged reference)."""
+def per_prompt_difference(records: list[dict], a: tuple[int, str], b: tuple[int, str]) -> dict[str, float]:
+    """Per held-out prompt: mean score of condition a − of condition b ((iteration, feedback or "<none>")), over the
+    prompts both scored, in the order of b's (claims.py's grouping)."""
     by = {}
     for key in (a, b):
         rows = [r for r in records if r["iteration"] == key[0] and (r["feedback"] or "<none>") == key[1]]
         by[key] = C._by_prompt(rows)
-    prompts = [p for p in by[b] if by[a].get(p) and by[b].get(p)]
-    if not prompts:
-        return {"estimate": None, "interval": [None, None]}
-    return mean_over_prompts(np.array([np.mean(by[a][p]) - np.mean(by[b][p]) for p in prompts]), seed)
+    return {p: float(np.mean(by[a][p]) - np.mean(by[b][p])) for p in by[b] if by[a].get(p) and by[b][p]}
 
 
 def mean_over_prompts(diff: np.ndarray, seed: int) -> dict:
@@ -234,12 +231,12 @@ def mean_over_prompts(diff: np.ndarray, seed: int) -> dict:
     return {"estimate": float(diff.mean()), "interval": C._interval(diff[picks].mean(1), 0.95)}
 
 
-def gap_by_prompt(records: list[dict], iteration: int) -> dict[str, float]:
-    """Per held-out prompt: mean score under the best string − under the worst, at `iteration`."""
-    by = {}
-    for word in (BEST, WORST):
-        by[word] = C._by_prompt([r for r in records if r["iteration"] == iteration and r["feedback"] == word])
-    return {p: float(np.mean(by[BEST][p]) - np.mean(by[WORST][p])) for p in by[BEST] if by[WORST].get(p)}
+def paired_difference(records: list[dict], a: tuple[int, str], b: tuple[int, str], seed: int = 0) -> dict:
+    """Mean score of condition a − condition b, paired over prompts, with a 95% bootstrap interval."""
+    diff = per_prompt_difference(records, a, b)
+    if not diff:
+        return {"estimate": None, "interval": [None, None]}
+    return mean_over_prompts(np.array(list(diff.values())), seed)
 
 
 def gap_vs_base(point: dict, base: dict, seed: int = 0) -> dict:
@@ -319,7 +316,7 @@ def read_point(name: str, run: Path) -> dict:
         if any(r["iteration"] == last and r["feedback"] is None for r in records)
         else None,
         wall_seconds=summary.get("wall_seconds"),
-        gap_by_prompt=gap_by_prompt(records, last),
+        gap_by_prompt=per_prompt_difference(records, (last, BEST), (last, WORST)),
         pool_gap=None if name == "sft" else pool_gap(run, rescore=name.startswith("judge")),
     )
     return out

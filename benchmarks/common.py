@@ -52,11 +52,11 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 def save_figure(fig, path: Path, dpi: int) -> None:
     """`fig` as a PNG at `path`, atomically, and closed."""
+    import matplotlib.pyplot as plt  # here, not at the top: the scripts import matplotlib only when they plot
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
-    import matplotlib.pyplot as plt  # only here: the figure's owner already imported it
-
-    plt.close(fig)

@@ -19,12 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["alt", "quark", "sft", "best_of_n", "ppo", "rloo"]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("sample_efficiency", ROOT / "benchmarks" / "sample_efficiency.py")
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
+
+
+def _script():
+    return _benchmark("sample_efficiency")
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +105,7 @@ def test_scorer_reward_model_reads_like_trl(tiny):
 
 # ---------------------------------------------------------------------------------------------- the sentiment curve
 def _sentiment_script():
-    path = ROOT / "benchmarks" / "sample_efficiency_sentiment.py"
-    spec = importlib.util.spec_from_file_location("sample_efficiency_sentiment", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return _benchmark("sample_efficiency_sentiment")
 
 
 def _points(out: Path) -> dict:
@@ -179,15 +179,13 @@ def test_sentiment_curve_bad_arguments(tmp_path, capsys):
     assert len(err) == 3 and all(line.startswith("sample_efficiency_sentiment: ") for line in err)
 
 
-def test_benchmark_time_box_stops_a_run_with_ctrl_c(tmp_path):
+def test_benchmark_time_box_stops_a_run_with_ctrl_c():
     """benchmarks/common.run_altlm at its deadline: the run gets Ctrl-C and stops by itself (exit code not SIGKILL's),
     even when this test runs in a background shell that started it with SIGINT ignored. `serve` never ends alone,
     so the deadline is what stops it, on any machine."""
     import signal
 
-    spec = importlib.util.spec_from_file_location("common", ROOT / "benchmarks" / "common.py")
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
+    common = _benchmark("common")
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a `cmd &` in a script leaves it for its children
     try:
         code, err, stopped = common.run_altlm(["serve", "--model", "tiny-smollm2", "--port", "0"], 3, grace=300)
