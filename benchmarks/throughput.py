@@ -182,11 +182,27 @@ def demo_batch(tok, b: int, seed: int = 0) -> tuple[list, list, list]:
     return [tag + p for p in prompts], prompts, targets
 
 
+def alt_loss_before(policy_logits, targets, mask, ref_logits, kl_coef, entropy_coef, vocab_size):
+    """loss.alt_loss as it was before the one-softmax rewrite (reference logits, KL(reference‖policy)): a log-softmax
+    for the NLL, another for the entropy and KL, and the entropy's graph even at coefficient 0. The old path."""
+    lp_all = policy_logits[mask].float()
+    nll = -torch.log_softmax(lp_all, -1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    logp = torch.log_softmax(lp_all[:, :vocab_size], -1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1)
+    ref_logp = torch.log_softmax(ref_logits[mask].float()[:, :vocab_size], -1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    return (nll - entropy_coef * entropy + kl_coef * kl).mean()
+
+
 def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: int, lora_layers: float) -> list[dict]:
-    """The LoRA training step at the demo's shapes, old path against new, side by side in one process:
-    old = a reference forward at every step (reference_cache=false); new = the cached reference statistics
-    (reference_cache=true, loss.alt_loss ref_stats) — `new_hit` when every row of the batch is cached (steady
-    state), `new_miss` when none is (the step that first draws the rows pays one reference forward for them)."""
+    """The LoRA training step at the demo's shapes and loss (KL 0.1, no entropy bonus), old path against new, side
+    by side in one process: old = the step as it was (a reference forward at every step, reference_cache=false;
+    SDPA attention; peft's input casts; alt_loss_before);
+    new = the cached reference statistics (reference_cache=true, loss.alt_loss ref_stats) — `new_hit` when every
+    row of the batch is cached (steady state), `new_miss` when none is (the step that first draws the rows pays one
+    reference forward for them) — with SDPA, and `_eager` the same with eager attention (attn_implementation=auto
+    on CPU)."""
     import copy
 
     from altlm.loss import target_hidden
@@ -199,45 +215,63 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
         train_new_tokens=False,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
-    m = models.prepare_for_training(copy.deepcopy(model), "lora", 0.3, lora, [])
-    models.contiguous_lm_head(m)
-    models.cast_frozen_linears(m, amp)
-    params = [p for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    kl, entropy = 0.1, 0.0  # the demo's coefficients
     v = len(tok)
     autocast = lambda: torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
+    nets = {}
+    for attn in ("old", "sdpa", "eager"):
+        m = models.prepare_for_training(copy.deepcopy(model), "lora", 0.3, lora, [])
+        m.get_base_model().set_attn_implementation("eager" if attn == "eager" else "sdpa")
+        models.contiguous_lm_head(m)
+        models.cast_frozen_linears(m, amp)
+        if (
+            attn == "old"
+        ):  # peft's cast of every adapter input to fp32 and back, as before cast_frozen_linears stopped it
+            for layer in m.modules():
+                if hasattr(layer, "cast_input_dtype_enabled"):
+                    layer.cast_input_dtype_enabled = True
+        nets[attn] = (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5))
     rows = []
     for b in batches:
         inputs, ref_inputs, targets = demo_batch(tok, b)
 
-        def reference_stats():
+        def reference_stats(m):
             with torch.no_grad(), m.disable_adapter(), autocast():
-                _, logits, _, mask = target_hidden(m, ref_inputs, targets, tok.pad_token_id)
-            log_q = torch.log_softmax(logits[mask].float()[:, :v], -1)
+                logits = target_hidden(m, ref_inputs, targets, tok.pad_token_id)[1]
+            log_q = torch.log_softmax(logits.float()[:, :v], -1)
             q = log_q.exp()
             return q @ m.get_output_embeddings().weight[:v].float(), (q * log_q).sum(-1)
 
-        cached = reference_stats()
+        cached = {attn: reference_stats(m) for attn, (m, _) in nets.items() if attn != "old"}
 
         def old_step():
+            m, opt = nets["old"]
             with autocast():
                 logits, tgt, mask = target_logits(m, inputs, targets, tok.pad_token_id)
                 with torch.no_grad(), m.disable_adapter():
                     ref = target_logits(m, ref_inputs, targets, tok.pad_token_id)[0]
-            loss, _ = alt_loss(logits, tgt, mask, ref, 0.05, 0.06, vocab_size=v)
+            loss = alt_loss_before(logits, tgt, mask, ref, kl, entropy, v)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        def new_step(stats):
+        def new_step(attn, hit):
+            m, opt = nets[attn]
+            stats = cached[attn] if hit else reference_stats(m)
             with autocast():
-                hidden, logits, tgt, mask = target_hidden(m, inputs, targets, tok.pad_token_id)
-            loss, _ = alt_loss(logits, tgt, mask, None, 0.05, 0.06, vocab_size=v, ref_stats=(hidden[mask], *stats))
+                hidden, logits, tgt = target_hidden(m, inputs, targets, tok.pad_token_id)
+            loss, _ = alt_loss(logits, tgt, None, None, kl, entropy, vocab_size=v, ref_stats=(hidden, *stats))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        paths = {"old": old_step, "new_hit": lambda: new_step(cached), "new_miss": lambda: new_step(reference_stats())}
+        paths = {
+            "old": old_step,
+            "new_hit": lambda: new_step("sdpa", True),
+            "new_miss": lambda: new_step("sdpa", False),
+            "new_hit_eager": lambda: new_step("eager", True),
+            "new_miss_eager": lambda: new_step("eager", False),
+        }
         for f in paths.values():
             f()  # warm-up
         times = {k: [] for k in paths}
@@ -252,7 +286,7 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             dt = sorted(ts)[len(ts) // 2]  # the median step
             # FLOPs: 2N per token forward, 2N per token backward through the adapted top blocks (activation
             # gradients; lora_layers of them), + 2N per reference token when the reference forward runs
-            flops = (2 + 2 * lora_layers) * n_params * toks + (0 if k == "new_hit" else 2 * n_params * ref_toks)
+            flops = (2 + 2 * lora_layers) * n_params * toks + (0 if "hit" in k else 2 * n_params * ref_toks)
             rows.append(
                 {
                     "path": k,
@@ -495,7 +529,7 @@ def main(argv=None) -> int:
     res["compute_dtype"] = "bf16" if amp is not None else "fp32"
     q = args.quick
     res["sampling_sweep"] = bench_sampling(model, tok, amp, [8, 32] if q else [16, 64, 128, 256], 8 if q else 32, n)
-    res["lora_paths"] = bench_lora_paths(model, tok, amp, [16] if q else [16, 32], 1 if q else 3, n, 0.5)
+    res["lora_paths"] = bench_lora_paths(model, tok, amp, [12] if q else [12, 32], 1 if q else 5, n, 0.5)
     res["sampler_vs_generate"] = bench_sampler_vs_generate(
         model, tok, amp, 16 if q else 128, 8 if q else 20, 1 if q else 2
     )

@@ -259,3 +259,34 @@ def test_frozen_linears_in_bf16_give_the_same_lora_step(fresh_tiny):
         out.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
     assert torch.equal(out[0][0], out[1][0])
     assert out[0][1].keys() == out[1][1].keys() and all(torch.equal(out[0][1][k], out[1][1][k]) for k in out[0][1])
+
+
+def _plain_alt_loss(policy, targets, mask, ref, beta, alpha, v):
+    """The loss as written in method.md §2, one vocabulary-wide softmax per term: what alt_loss's single
+    log-softmax, folded normaliser and graph-free entropy must reproduce, gradients included."""
+    z, t = policy[mask], targets[mask]
+    nll = -torch.log_softmax(z, -1).gather(-1, t[:, None])[:, 0]
+    logp = torch.log_softmax(z[:, :v], -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    ref_logp = torch.log_softmax(ref[mask][:, :v], -1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    return (nll - alpha * entropy + beta * kl).mean()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.06])
+@pytest.mark.parametrize("packed", [False, True])
+def test_one_softmax_loss_has_the_plain_loss_gradients(toy, alpha, packed):
+    policy, ref, targets, mask = toy
+    want_policy = policy.clone().requires_grad_(True)
+    want = _plain_alt_loss(want_policy, targets, mask, ref, 0.05, alpha, 4)
+    want.backward()
+    got_policy = policy.clone().requires_grad_(True)
+    if packed:  # what target_hidden hands over: the completion positions only, row by row
+        got, _ = alt_loss(got_policy[mask], targets[mask], None, ref[mask], 0.05, alpha, vocab_size=4)
+    else:
+        got, _ = alt_loss(got_policy, targets, mask, ref, 0.05, alpha, vocab_size=4)
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)  # (alt_loss computes in float32)
+    torch.testing.assert_close(got_policy.grad, want_policy.grad, rtol=1e-5, atol=1e-7)
+    # the added token's column (index 4) gets the NLL's gradient only: the normaliser is folded in, not dropped
+    assert got_policy.grad[mask][:, 4].abs().min() > 0

@@ -49,15 +49,15 @@ def test_cached_kl_equals_the_full_distribution_kl_with_the_same_gradients(tiny)
     assert old["kl"] > 1e-4  # the policy is not the reference: the comparison means something
     # the new path: Wᵀq and Σ q log q per token, then the policy's hidden states
     with torch.no_grad(), model.disable_adapter():
-        _, r_logits, _, r_mask = target_hidden(model, inputs, targets, tok.pad_token_id)
-    log_q = torch.log_softmax(r_logits[r_mask].float()[:, :v], -1)
+        r_logits = target_hidden(model, inputs, targets, tok.pad_token_id)[1]
+    log_q = torch.log_softmax(r_logits.float()[:, :v], -1)
     q = log_q.exp()
     mean_embedding = q @ model.get_output_embeddings().weight[:v].float()
     negentropy = (q * log_q).sum(-1)
-    hidden, logits2, tgt2, mask2 = target_hidden(model, inputs, targets, tok.pad_token_id)
-    assert torch.equal(tgt, tgt2) and torch.equal(mask, mask2)
+    hidden, logits2, tgt2 = target_hidden(model, inputs, targets, tok.pad_token_id)
+    assert torch.equal(tgt[mask], tgt2)  # packed: the completion positions, row by row
     new_loss, new = alt_loss(
-        logits2, tgt2, mask2, None, 0.05, 0.06, vocab_size=v, ref_stats=(hidden[mask2], mean_embedding, negentropy)
+        logits2, tgt2, None, None, 0.05, 0.06, vocab_size=v, ref_stats=(hidden, mean_embedding, negentropy)
     )
     new_loss.backward()
     for k in ("nll", "kl", "entropy"):

@@ -119,6 +119,28 @@ def test_recorded_kl_is_against_the_frozen_base_on_the_configured_input(tmp_path
         assert stats["reference_forward_rows"] == len(ROWS)
 
 
+def test_attention_key_reaches_the_model_and_eager_trains_as_sdpa(tmp_path):
+    """attn_implementation: auto is eager on CPU; one training step on left-padded rows of unequal lengths records
+    the same loss terms, and moves the adapter alike, under eager and SDPA attention (fp32)."""
+    runs = {}
+    for choice in ("auto", "sdpa"):
+        t = trainer(tmp_path / choice, "training_mode=lora", f"attn_implementation={choice}")
+        want = "eager" if choice == "auto" else "sdpa"
+        assert t.model.get_base_model().config._attn_implementation == want
+        fill_pool(t)
+        perturb_adapter(t)
+        before = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+        stats = t.train_phase(1)
+        t.pool.close()
+        step = {n: p.detach() - before[n] for n, p in t.model.named_parameters() if p.requires_grad}
+        runs[choice] = (stats, torch.cat([d.flatten() for d in step.values()]))
+    (a, step_a), (b, step_b) = runs["auto"], runs["sdpa"]
+    for k in ("loss", "nll", "kl"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5), k
+    # AdamW's first step is about lr·sign(gradient): entries whose gradient is ~0 may flip, the step as a whole not
+    assert (step_a - step_b).norm() < 1e-2 * step_b.norm()
+
+
 # ---------------------------------------------------------------- generate / eval load the trained weights
 def embedding_rows(model, ids: list[int]) -> torch.Tensor:
     """The input embeddings the model actually uses for `ids` (through peft's trainable-token wrapper, if any)."""

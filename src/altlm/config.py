@@ -72,6 +72,14 @@ class ALTConfig:
         choices=["auto", "bf16", "fp32"],
     )
     threads: int = _f(0, "torch CPU threads (0 = torch's default).")
+    attn_implementation: str = _f(
+        "auto",
+        "Attention kernel for training, sampling and evaluation: auto (eager on CPU, the model's default, SDPA, on "
+        "accelerators), eager or sdpa. On CPU at this project's lengths (< 100 tokens) eager attention's backward "
+        "is cheaper than SDPA's flash kernel: a LoRA step 1.17x faster, sampling alike "
+        "(benchmarks/results/throughput_paths.md). The same seed gives other samples under the two (bf16 rounding).",
+        choices=["auto", "eager", "sdpa"],
+    )
     # --- prompts ---
     prompts: str = _f(
         "fortunes",

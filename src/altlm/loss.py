@@ -26,10 +26,11 @@ def _pad_targets(targets: list[list[int]], m: int, pad_id: int, device):
 
 
 def target_hidden(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int):
-    """Like target_logits, but (final hidden states [B, M, D] before the LM head, logits [B, M, V], target ids,
-    mask): the reference cache's KL needs the hidden states. `model` is a causal LM or a peft model of one; its
-    body (`base_model`, e.g. LlamaModel) runs with the adapters as they are, then the head on the last M
-    positions, exactly as `logits_to_keep` does inside the causal LM's forward."""
+    """(final hidden states [N, D] before the LM head, logits [N, V], target ids [N]) at the N completion positions
+    of `inputs + targets`, row by row: packed, with no padding. The reference cache's KL needs the hidden states.
+    `model` is a causal LM or a peft model of one; its body (`base_model`, e.g. LlamaModel) runs with the adapters
+    as they are, then the head on the completion positions only. The head and the loss see no padded position:
+    no [B, M, V] tensor for the masked indexing to scatter its gradient back into."""
     seqs = [i + t for i, t in zip(inputs, targets)]
     ids, attn, pos = left_pad(seqs, pad_id)
     dev = next(model.parameters()).device
@@ -37,10 +38,9 @@ def target_hidden(model, inputs: list[list[int]], targets: list[list[int]], pad_
     m = max(len(t) for t in targets)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = causal_lm.base_model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
-    hidden = out.last_hidden_state[:, -(m + 1) : -1]
-    logits = causal_lm.get_output_embeddings()(hidden)
     tgt, mask = _pad_targets(targets, m, pad_id, ids.device)
-    return hidden, logits, tgt, mask
+    hidden = out.last_hidden_state[:, -(m + 1) : -1][mask]
+    return hidden, causal_lm.get_output_embeddings()(hidden), tgt[mask]
 
 
 def target_logits(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int):
@@ -72,7 +72,7 @@ def mean_logprobs(model, inputs: list[list[int]], targets: list[list[int]], pad_
 def alt_loss(
     policy_logits: torch.Tensor,
     targets: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     ref_logits: torch.Tensor | None = None,
     kl_coef: float = 0.05,
     entropy_coef: float = 0.06,
@@ -83,36 +83,46 @@ def alt_loss(
 ):
     """Returns (loss, stats) with stats = token-level means of nll, kl, entropy (floats). The loss is the token
     mean, or the token sum / `denominator` (distributed: every process divides by the same global count).
+    policy_logits [B, M, V] with targets and mask [B, M]; or packed (target_hidden): [N, V], targets [N], mask None.
 
     ref_stats = (hidden [N, D], ref_mean_embedding [N, D], ref_negentropy [N]) replaces ref_logits for
     KL(reference‖policy) when the LM head W is frozen (LoRA): with q the reference distribution and z = W·h the
     policy logits, Σ_v q_v log p_v = Σ_v q_v z_v − logsumexp(z) = h·(Wᵀq) − logsumexp(z), so
     KL = Σ q log q − h·(Wᵀq) + logsumexp(z): exact, from two numbers per token the reference cache stores
-    (refcache.py) instead of the reference's whole vocabulary-wide distribution."""
-    lp_all = policy_logits[mask].float()  # [N, V]: completion positions only
-    n = lp_all.shape[0]
+    (refcache.py) instead of the reference's whole vocabulary-wide distribution.
+
+    One log-softmax over the vocabulary serves the NLL, the entropy and the KL: the NLL's normaliser over the
+    added tokens (index ≥ vocab_size) is folded in from their few logits. The entropy is computed without a graph
+    when its coefficient is 0 (it is still reported)."""
+    z = (policy_logits if mask is None else policy_logits[mask]).float()  # [N, V]: completion positions only
+    tgt = targets if mask is None else targets[mask]
+    n = z.shape[0]
     if n == 0:
         zero = policy_logits.sum() * 0.0
         return zero, {"nll": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0}
-    nll = -torch.log_softmax(lp_all, -1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
-    v = vocab_size or lp_all.shape[-1]
-    logp = torch.log_softmax(lp_all[:, :v], -1)
-    p = logp.exp()
-    entropy = -(p * logp).sum(-1)
+    v = vocab_size or z.shape[-1]
+    logp = torch.log_softmax(z[:, :v], -1)
+    log_normaliser = z[:, 0] - logp[:, 0]  # logsumexp over the first v logits, without another vocabulary pass
+    if v < z.shape[-1]:  # the NLL normalises over every token, the added ones too
+        nll = torch.logaddexp(log_normaliser, torch.logsumexp(z[:, v:], -1)) - z.gather(-1, tgt[:, None])[:, 0]
+    else:
+        nll = -logp.gather(-1, tgt[:, None])[:, 0]
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_coef != 0.0):
+        p = logp.exp()
+        entropy = -(p * logp).sum(-1)
     loss_tok = nll - entropy_coef * entropy
     kl = torch.zeros_like(nll)
     if ref_stats is not None and kl_coef != 0.0:
         hidden, ref_mean_embedding, ref_negentropy = ref_stats
         cross = (hidden.float() * ref_mean_embedding).sum(-1)
-        log_normaliser = lp_all[:, 0] - logp[:, 0]  # logsumexp(z), without another vocabulary-wide pass
         kl = ref_negentropy - cross + log_normaliser
         loss_tok = loss_tok + kl_coef * kl
     elif ref_logits is not None and kl_coef != 0.0:
-        ref_logp = torch.log_softmax(ref_logits[mask].float()[:, :v], -1)
+        ref_logp = torch.log_softmax((ref_logits if mask is None else ref_logits[mask]).float()[:, :v], -1)
         if kl_direction == "ref_policy":
             kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
         else:
-            kl = (p * (logp - ref_logp)).sum(-1)
+            kl = (logp.exp() * (logp - ref_logp)).sum(-1)
         loss_tok = loss_tok + kl_coef * kl
     stats = {"nll": nll.mean().item(), "kl": kl.mean().item(), "entropy": entropy.mean().item(), "tokens": n}
     return (loss_tok.mean() if denominator is None else loss_tok.sum() / denominator), stats

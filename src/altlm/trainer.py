@@ -70,6 +70,7 @@ class ALTTrainer:
         self.n_buckets = len(self.feedback.vocabulary) if self.feedback.vocabulary else 4
 
         base = models.load_model(cfg.model, cfg.trust_remote_code, seed=cfg.seed)
+        models.set_attention(base, cfg.attn_implementation, self.procs.device)
         new, init = self.template.new_tokens(cfg.feedback_words)
         self.added_ids = models.add_tokens(base, self.tokenizer, new, init) if new else []
         # Full/top-fraction training needs a frozen copy as reference; LoRA gets it free by disabling the adapter.
@@ -81,6 +82,7 @@ class ALTTrainer:
                 else models.load_model(cfg.reference_model, cfg.trust_remote_code, seed=cfg.seed)
             )
             models.add_tokens(ref, self.tokenizer, new, init)
+            models.set_attention(ref, cfg.attn_implementation, self.procs.device)
             self.ref_model = ref.eval().requires_grad_(False)
         lora = dict(
             r=cfg.lora_r,
@@ -677,8 +679,9 @@ class ALTTrainer:
         if self.refcache is not None:
             self.fill_reference_cache(batch, targets)
             with autocast:
-                hidden, logits, tgt, mask = target_hidden(self.ddp, inputs, targets, tok.pad_token_id)
-            ref_stats = (hidden[mask], *self.refcache.gather([r.id for r in batch], hidden.device))
+                hidden, logits, tgt = target_hidden(self.ddp, inputs, targets, tok.pad_token_id)
+            mask = None  # packed: completion positions only
+            ref_stats = (hidden, *self.refcache.gather([r.id for r in batch], hidden.device))
         else:
             with autocast:
                 logits, tgt, mask = target_logits(self.ddp, inputs, targets, tok.pad_token_id)
@@ -729,8 +732,8 @@ class ALTTrainer:
             adapter_off,
             torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
         ):
-            _, logits, _, mask = target_hidden(model, ref_in, ref_targets, tok.pad_token_id)
-        log_q = torch.log_softmax(logits[mask].float()[:, : self.vocab_size], -1)
+            logits = target_hidden(model, ref_in, ref_targets, tok.pad_token_id)[1]
+        log_q = torch.log_softmax(logits.float()[:, : self.vocab_size], -1)
         q = log_q.exp()
         negentropy = (q * log_q).sum(-1)
         head = self.model.get_output_embeddings().weight[: self.vocab_size].float()
