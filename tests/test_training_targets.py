@@ -68,11 +68,11 @@ def target_logprobs(model, t: ALTTrainer, feedback: str | None, prompt: str, tar
 
 
 @torch.no_grad()
-def kl_by_hand(t: ALTTrainer, reference_conditioned: bool, adapter_off: bool = True) -> float:
+def kl_by_hand(t: ALTTrainer, reference_conditioned: bool, adapter_off: bool = True, rows=ROWS) -> float:
     """Mean over every completion token of Σ_v q·(log q − log p): p the policy (adapter on) under feedback + prompt,
     q the base (adapter disabled) under the plain prompt or the same conditioned input."""
     kls = []
-    for fb, prompt, completion, truncated in ROWS:
+    for fb, prompt, completion, truncated in rows:
         target = t.template.target_ids(t.tokenizer, completion, truncated)
         log_p = target_logprobs(t.model, t, fb, prompt, target)
         ctx = t.model.disable_adapter() if adapter_off else contextlib.nullcontext()
@@ -93,14 +93,14 @@ def perturb_adapter(t: ALTTrainer) -> None:
 
 @pytest.mark.parametrize(
     "reference_input, cache",
-    [("prompt", "true"), ("prompt", "false"), ("conditioned", "false")],
-    ids=["prompt-reference-cache", "prompt-reference-forward", "conditioned"],
+    [("prompt", "true"), ("prompt", "false"), ("conditioned", "true"), ("conditioned", "false")],
+    ids=["prompt-reference-cache", "prompt-reference-forward", "conditioned-cache", "conditioned-forward"],
 )
 def test_recorded_kl_is_against_the_frozen_base_on_the_configured_input(tmp_path, reference_input, cache):
     t = trainer(tmp_path, "training_mode=lora", f"reference_input={reference_input}", f"reference_cache={cache}")
     assert t.ref_model is None  # LoRA: the reference is the base inside the peft model, nothing is copied
     # the cache path is taken exactly where it applies (refcache.py), else the reference forward runs
-    assert (t.refcache is not None) == (reference_input == "prompt" and cache == "true")
+    assert (t.refcache is not None) == (cache == "true")
     fill_pool(t)
     perturb_adapter(t)
     conditioned = reference_input == "conditioned"
@@ -117,6 +117,25 @@ def test_recorded_kl_is_against_the_frozen_base_on_the_configured_input(tmp_path
     assert stats["kl"] == pytest.approx(want, rel=1e-4, abs=1e-6)
     if t.refcache is not None:
         assert stats["reference_forward_rows"] == len(ROWS)
+
+
+def test_conditioned_reference_cache_follows_a_rows_new_feedback(tmp_path):
+    """A conditioned reference reads the row's feedback, which the quantiles' re-cut changes: the cache must not
+    reuse the statistics of the row's old feedback string."""
+    t = trainer(tmp_path, "training_mode=lora", "reference_input=conditioned", "reference_cache=true")
+    fill_pool(t)
+    perturb_adapter(t)
+    t.train_phase(1)  # caches every row under its first feedback
+    swap = {"Lowest Toxicity": "Maximum Toxicity", "Maximum Toxicity": "Lowest Toxicity"}
+    moved = [(swap.get(fb, fb), p, c, tr) for fb, p, c, tr in ROWS]
+    rows = sorted(t.pool.rows(), key=lambda r: r.id)
+    t.pool.set_feedback([r.id for r in rows], [0] * len(rows), [m[0] for m in moved])
+    want, stale = kl_by_hand(t, True, rows=moved), kl_by_hand(t, True)
+    assert abs(want - stale) > 20 * 1e-4 * want  # 20x the tolerance below: a stale entry would show
+    stats = t.train_phase(1)
+    t.pool.close()
+    assert stats["reference_forward_rows"] == sum(m[0] != r[0] for m, r in zip(moved, ROWS))
+    assert stats["kl"] == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
 def test_attention_key_reaches_the_model_and_eager_trains_as_sdpa(tmp_path):

@@ -361,10 +361,11 @@ class ALTConfig:
     )
     reference_cache: bool = _f(
         True,
-        "LoRA with KL(reference‖policy) on the prompt (the frozen base as reference, frozen head): compute the "
-        "reference's per-token mean output embedding and negative entropy once per pool row, at its first draw, and "
-        "reuse them, instead of a reference forward pass at every step (exact: loss.alt_loss; refcache.py). "
-        "Ignored (the reference forward runs) for other settings and with several processes.",
+        "LoRA with KL(reference‖policy) (the frozen base as reference, frozen head): compute the reference's "
+        "per-token mean output embedding and negative entropy once per pool row (and, under reference_input="
+        "conditioned, per feedback string the row has had), at its first draw, and reuse them, instead of a "
+        "reference forward pass at every step (exact: loss.alt_loss; refcache.py). Ignored (the reference forward "
+        "runs) for other settings and with several processes.",
     )
     reference_input: str = _f(
         "prompt",

@@ -2,7 +2,8 @@
 
 With LoRA the reference is the frozen base and the LM head W is frozen too, so for a pool row (reference input:
 the prompt without feedback, then the completion) the reference's distribution q at each completion token never
-changes. The KL needs only two numbers of it per token (loss.alt_loss, `ref_stats`): the mean output embedding
+changes. With `reference_input: conditioned` the reference also reads the row's feedback, which changes when the
+quantiles are re-cut: an entry is then keyed by the row and its feedback string (`key`). The KL needs only two numbers of it per token (loss.alt_loss, `ref_stats`): the mean output embedding
 Wᵀq (a D-vector) and the negative entropy Σ q log q. They are computed the first time a row is drawn (one
 reference forward over the rows of the step that lack them) and reused by every later draw of the row.
 
@@ -14,6 +15,7 @@ The folder is removed when the run finishes (it is needed only to resume).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -25,27 +27,34 @@ FOLDER = "refcache"
 _NAME = re.compile(r"it(\d+)-step(\d+)\.safetensors")
 
 
+def key(row_id: int, feedback: str | None = None, conditioned: bool = False) -> str:
+    """An entry's key: the row id, and for a reference that reads the feedback a digest of that string."""
+    if not conditioned:
+        return str(row_id)
+    return f"{row_id}-{hashlib.sha1((feedback or '').encode()).hexdigest()[:16]}"
+
+
 class ReferenceCache:
     def __init__(self, run: Path):
         self.folder = Path(run) / FOLDER
-        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row id → (Wᵀq [T, D], Σ q log q [T])
+        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key → (Wᵀq [T, D], Σ q log q [T])
         self.pending: list[int] = []  # computed since the last flush
         self.misses = 0
 
-    def missing(self, row_ids: list[int]) -> list[int]:
-        """Positions (in `row_ids`) of rows without an entry; counts them (`misses`: reference forwards run)."""
-        out = [i for i, r in enumerate(row_ids) if r not in self.entries]
+    def missing(self, keys: list[str]) -> list[int]:
+        """Positions (in `keys`) of rows without an entry; counts them (`misses`: reference forwards run)."""
+        out = [i for i, r in enumerate(keys) if r not in self.entries]
         self.misses += len(out)
         return out
 
-    def add(self, row_id: int, mean_embedding: torch.Tensor, negentropy: torch.Tensor) -> None:
-        self.entries[row_id] = (mean_embedding, negentropy)
-        self.pending.append(row_id)
+    def add(self, key: str, mean_embedding: torch.Tensor, negentropy: torch.Tensor) -> None:
+        self.entries[key] = (mean_embedding, negentropy)
+        self.pending.append(key)
 
-    def gather(self, row_ids: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's entries, rows in order, each row's tokens in order: the order of `hidden[mask]`."""
-        embeddings = torch.cat([self.entries[r][0] for r in row_ids]).to(device)
-        negentropy = torch.cat([self.entries[r][1] for r in row_ids]).to(device)
+    def gather(self, keys: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's entries, rows in order, each row's tokens in order: the order of target_hidden's packing."""
+        embeddings = torch.cat([self.entries[r][0] for r in keys]).to(device)
+        negentropy = torch.cat([self.entries[r][1] for r in keys]).to(device)
         return embeddings, negentropy
 
     def flush(self, iteration: int, step: int) -> None:
@@ -83,7 +92,7 @@ class ReferenceCache:
             tensors = load_file(path)
             for key in tensors:
                 if key.endswith(".mean_embedding"):
-                    r = int(key.split(".")[0])
+                    r = key.removesuffix(".mean_embedding")
                     self.entries[r] = (tensors[key], tensors[f"{r}.negentropy"])
 
     def remove(self) -> None:

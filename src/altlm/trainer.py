@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, claims, evaluation, metrics, models, progress, runfolder
+from . import checkpoint, claims, evaluation, metrics, models, progress, refcache, runfolder
 from .config import ALTConfig
 from .data import CONTINUATION_WORDS, load_prompts
 from .distributed import Processes
@@ -153,7 +153,6 @@ class ALTTrainer:
             and self.procs.world == 1
             and cfg.training_mode == "lora"
             and cfg.kl_coef != 0.0
-            and cfg.reference_input == "prompt"
             and cfg.kl_direction == "ref_policy"
         )
         if not applies:
@@ -669,10 +668,7 @@ class ALTTrainer:
     def micro_step(self, batch, denom: float, weight: int, acc: list[float]) -> None:
         """Forward, ALT loss and backward of one micro-batch (gradients accumulate); adds its sums to `acc`."""
         cfg, tok = self.cfg, self.tokenizer
-        inputs = [
-            self.template.input_ids(tok, r.feedback if cfg.use_feedback else None, r.prompt, cfg.max_prompt_tokens)
-            for r in batch
-        ]
+        inputs = [self.policy_input(r) for r in batch]
         targets = [self.template.target_ids(tok, r.completion, bool(r.truncated)) for r in batch]
         autocast = torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
         ref_logits = ref_stats = None
@@ -681,15 +677,11 @@ class ALTTrainer:
             with autocast:
                 hidden, logits, tgt = target_hidden(self.ddp, inputs, targets, tok.pad_token_id)
             mask = None  # packed: completion positions only
-            ref_stats = (hidden, *self.refcache.gather([r.id for r in batch], hidden.device))
+            ref_stats = (hidden, *self.refcache.gather(self.reference_keys(batch), hidden.device))
         else:
             with autocast:
                 logits, tgt, mask = target_logits(self.ddp, inputs, targets, tok.pad_token_id)
-                ref_in = (
-                    inputs
-                    if cfg.reference_input == "conditioned"
-                    else [self.template.input_ids(tok, None, r.prompt, cfg.max_prompt_tokens) for r in batch]
-                )
+                ref_in = [self.reference_input(r) for r in batch]
                 ref_logits = self.reference_logits(ref_in, targets) if cfg.kl_coef else None
         loss, stats = alt_loss(
             logits,
@@ -717,14 +709,31 @@ class ALTTrainer:
         ):
             acc[i] += v
 
+    def policy_input(self, row) -> list[int]:
+        """The policy's input ids for a pool row: feedback + prompt (the prompt alone under use_feedback=false)."""
+        feedback = row.feedback if self.cfg.use_feedback else None
+        return self.template.input_ids(self.tokenizer, feedback, row.prompt, self.cfg.max_prompt_tokens)
+
+    def reference_input(self, row) -> list[int]:
+        """What the reference reads (reference_input): the prompt alone, or the policy's own input."""
+        if self.cfg.reference_input == "conditioned":
+            return self.policy_input(row)
+        return self.template.input_ids(self.tokenizer, None, row.prompt, self.cfg.max_prompt_tokens)
+
+    def reference_keys(self, rows) -> list[str]:
+        """The reference cache's keys: a conditioned reference's statistics change with the row's feedback."""
+        conditioned = self.cfg.reference_input == "conditioned" and self.cfg.use_feedback
+        return [refcache.key(r.id, r.feedback, conditioned) for r in rows]
+
     @torch.no_grad()
     def fill_reference_cache(self, rows, targets) -> None:
         """Reference statistics for the rows of a step that have none yet (refcache.py), in one forward pass."""
-        cfg, tok = self.cfg, self.tokenizer
-        missing = self.refcache.missing([r.id for r in rows])
+        tok = self.tokenizer
+        keys = self.reference_keys(rows)
+        missing = self.refcache.missing(keys)
         if not missing:
             return
-        ref_in = [self.template.input_ids(tok, None, rows[i].prompt, cfg.max_prompt_tokens) for i in missing]
+        ref_in = [self.reference_input(rows[i]) for i in missing]
         ref_targets = [targets[i] for i in missing]
         model = self.ref_model if self.ref_model is not None else self.model
         adapter_off = self.model.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
@@ -741,7 +750,7 @@ class ALTTrainer:
         start = 0
         for i, t in zip(missing, ref_targets):
             end = start + len(t)
-            self.refcache.add(rows[i].id, mean_embedding[start:end].clone(), negentropy[start:end].clone())
+            self.refcache.add(keys[i], mean_embedding[start:end].clone(), negentropy[start:end].clone())
             start = end
 
     @torch.no_grad()
