@@ -11,7 +11,7 @@ from test_train_smoke import jsonl
 
 from altlm import models
 from altlm.loss import alt_loss, target_hidden, target_logits
-from altlm.refcache import ReferenceCache
+from altlm.refcache import ReferenceCache, key
 
 LORA = dict(
     r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], layers=0.5, train_new_tokens=False
@@ -72,7 +72,7 @@ def test_cached_kl_equals_the_full_distribution_kl_with_the_same_gradients(tiny)
 def test_cache_files_reload_up_to_the_resume_point_and_drop_later_ones(tmp_path):
     cache = ReferenceCache(tmp_path)
     for it, step, row in ((1, 2, 10), (1, 4, 11), (2, 2, 12)):
-        cache.add(row, torch.full((3, 4), float(row)), torch.full((3,), -float(row)))
+        cache.add(key(row), torch.full((3, 4), float(row)), torch.full((3,), -float(row)))
         cache.flush(it, step)
     cache.flush(2, 3)  # nothing pending: no file
     assert sorted(p.name for p in (tmp_path / "refcache").iterdir()) == [
@@ -82,11 +82,17 @@ def test_cache_files_reload_up_to_the_resume_point_and_drop_later_ones(tmp_path)
     ]
     resumed = ReferenceCache(tmp_path)
     resumed.load(1, 4)  # resuming iteration 1 at its snapshot of step 4: iteration 2's file is a killed attempt's
-    assert sorted(resumed.entries) == [10, 11]
+    assert sorted(resumed.entries) == ["10", "11"]
     assert not (tmp_path / "refcache" / "it2-step2.safetensors").exists()
-    emb, neg = resumed.gather([11, 10], "cpu")
+    emb, neg = resumed.gather(["11", "10"], "cpu")
     assert emb.shape == (6, 4) and emb[0, 0] == 11 and emb[3, 0] == 10 and neg[0] == -11
-    assert resumed.missing([10, 12, 11]) == [1]
+    assert resumed.missing(["10", "12", "11"]) == [1]
+    # a conditioned reference's entries carry the feedback string, and reload as written
+    cache.add(key(13, "Most Positive", True), torch.zeros(2, 4), torch.zeros(2))
+    cache.flush(1, 5)
+    again = ReferenceCache(tmp_path)
+    again.load(1, 5)
+    assert key(13, "Most Positive", True) in again.entries and key(13, "Most Negative", True) not in again.entries
 
 
 def test_a_run_with_the_cache_trains_as_one_without_it_and_computes_fewer_reference_rows(tmp_path):
