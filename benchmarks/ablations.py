@@ -56,6 +56,7 @@ EVAL = [
     "eval_samples_per_prompt=2",
     "likelihood_texts=100",
     "report=false",
+    "reference_input=prompt",  # the demo's recipe when these points were measured; the demo now reads the tag
 ]
 JUDGE_ERROR = 0.3  # the scripted judge's own inconsistency: share of its answers drawn at random
 JUDGE_TEMPLATE = (
