@@ -76,7 +76,7 @@ class ALTConfig:
         "auto",
         "Attention kernel for training, sampling and evaluation: auto (eager on CPU, the model's default, SDPA, on "
         "accelerators), eager or sdpa. On CPU at this project's lengths (< 100 tokens) eager attention's backward "
-        "is cheaper than SDPA's flash kernel: a LoRA step 1.17x faster, sampling alike "
+        "is cheaper than SDPA's flash kernel: a LoRA step 1.15-1.23x faster, sampling alike "
         "(benchmarks/results/throughput_paths.md). The same seed gives other samples under the two (bf16 rounding).",
         choices=["auto", "eager", "sdpa"],
     )

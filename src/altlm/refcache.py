@@ -3,8 +3,9 @@
 With LoRA the reference is the frozen base and the LM head W is frozen too, so for a pool row (reference input:
 the prompt without feedback, then the completion) the reference's distribution q at each completion token never
 changes. With `reference_input: conditioned` the reference also reads the row's feedback, which changes when the
-quantiles are re-cut: an entry is then keyed by the row and its feedback string (`key`). The KL needs only two numbers of it per token (loss.alt_loss, `ref_stats`): the mean output embedding
-Wᵀq (a D-vector) and the negative entropy Σ q log q. They are computed the first time a row is drawn (one
+quantiles are re-cut: an entry is then keyed by the row and its feedback string (`key`). The KL needs only two
+numbers of q per token (loss.alt_loss, `ref_stats`): the mean output embedding Wᵀq (a D-vector) and the negative
+entropy Σ q log q. They are computed the first time a row is drawn (one
 reference forward over the rows of the step that lack them) and reused by every later draw of the row.
 
 Resume stays exact: the entries computed since the last training snapshot are written with it
@@ -38,7 +39,7 @@ class ReferenceCache:
     def __init__(self, run: Path):
         self.folder = Path(run) / FOLDER
         self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key → (Wᵀq [T, D], Σ q log q [T])
-        self.pending: list[int] = []  # computed since the last flush
+        self.pending: list[str] = []  # keys computed since the last flush
         self.misses = 0
 
     def missing(self, keys: list[str]) -> list[int]:
@@ -47,9 +48,9 @@ class ReferenceCache:
         self.misses += len(out)
         return out
 
-    def add(self, key: str, mean_embedding: torch.Tensor, negentropy: torch.Tensor) -> None:
-        self.entries[key] = (mean_embedding, negentropy)
-        self.pending.append(key)
+    def add(self, entry: str, mean_embedding: torch.Tensor, negentropy: torch.Tensor) -> None:
+        self.entries[entry] = (mean_embedding, negentropy)
+        self.pending.append(entry)
 
     def gather(self, keys: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's entries, rows in order, each row's tokens in order: the order of target_hidden's packing."""
@@ -90,10 +91,10 @@ class ReferenceCache:
                 path.unlink()
                 continue
             tensors = load_file(path)
-            for key in tensors:
-                if key.endswith(".mean_embedding"):
-                    r = key.removesuffix(".mean_embedding")
-                    self.entries[r] = (tensors[key], tensors[f"{r}.negentropy"])
+            for name in tensors:
+                if name.endswith(".mean_embedding"):
+                    r = name.removesuffix(".mean_embedding")
+                    self.entries[r] = (tensors[name], tensors[f"{r}.negentropy"])
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
