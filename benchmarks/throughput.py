@@ -357,6 +357,52 @@ def bench_sampler_vs_generate(model, tok, amp, b: int, new_tokens: int, reps: in
     return out
 
 
+def bench_sampling_paths(model, tok, amp, n_prompts: int, k: int, new_tokens: int, reps: int) -> list[dict]:
+    """The sampler at the demo's shape: k samples of each prompt in one batch, as training rounds and evaluation
+    draw them, a fixed number of new tokens (min = max). old = top-p by sort, every row runs its prompt's forward,
+    SDPA attention; new = top-p by rejection, one prefill per distinct prompt (share_prefill), eager attention
+    (attn_implementation=auto on CPU). Side by side, interleaved, the best of `reps`."""
+    import copy
+    import dataclasses
+
+    nets = {}
+    for attn in ("sdpa", "eager"):
+        m = copy.deepcopy(model)
+        m.set_attn_implementation(attn)
+        nets[attn] = inference_model(m, amp)
+    reqs = [(None, p) for p in prompts(n_prompts) for _ in range(k)]
+    out = []
+    for top_p in (1.0, 0.9):  # training rounds sample at 1.0, the demo's evaluation at 0.9
+        new = SampleSettings(1.0, top_p, new_tokens, new_tokens, len(reqs), 64)
+        old = dataclasses.replace(new, top_p_method="sort", share_prefill=False)
+        paths = {
+            "old": lambda: sample(nets["sdpa"], tok, Template(), reqs, old, seed=0),
+            "new": lambda: sample(nets["eager"], tok, Template(), reqs, new, seed=0),
+        }
+        for f in paths.values():
+            f()  # warm-up
+        times = {name: [] for name in paths}
+        for _ in range(reps):
+            for name, f in paths.items():
+                t = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t)
+        for name, ts in times.items():
+            dt = min(ts)
+            out.append(
+                {
+                    "path": name,
+                    "top_p": top_p,
+                    "rows": len(reqs),
+                    "samples_per_prompt": k,
+                    "new_tokens": new_tokens,
+                    "seconds": round(dt, 2),
+                    "tokens_per_s": round(len(reqs) * new_tokens / dt, 1),
+                }
+            )
+    return out
+
+
 def bench_scoring(n: int) -> dict:
     from altlm.feedback import build_scorer
 
@@ -466,6 +512,17 @@ def write_paths(res: dict, args, roof: dict) -> int:
         )
     lines += [
         "",
+        "| sampler at the demo's shape (k samples per prompt) | top-p | rows | k | new tokens | tokens/s | vs old |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    old_rate = {r["top_p"]: r["tokens_per_s"] for r in res["sampling_paths"] if r["path"] == "old"}
+    for r in res["sampling_paths"]:
+        lines.append(
+            f"| {r['path']} | {r['top_p']} | {r['rows']} | {r['samples_per_prompt']} | {r['new_tokens']} | "
+            f"{r['tokens_per_s']} | {r['tokens_per_s'] / old_rate[r['top_p']]:.2f}x |"
+        )
+    lines += [
+        "",
         "| sampler (top-p 0.9, same bf16 weights) | batch | new tokens | tokens/s | vs HF generate |",
         "|---|---|---|---|---|",
     ]
@@ -530,6 +587,7 @@ def main(argv=None) -> int:
     q = args.quick
     res["sampling_sweep"] = bench_sampling(model, tok, amp, [8, 32] if q else [16, 64, 128, 256], 8 if q else 32, n)
     res["lora_paths"] = bench_lora_paths(model, tok, amp, [12] if q else [12, 32], 1 if q else 5, n, 0.5)
+    res["sampling_paths"] = bench_sampling_paths(model, tok, amp, 8 if q else 32, 4, 8 if q else 16, 1 if q else 3)
     res["sampler_vs_generate"] = bench_sampler_vs_generate(
         model, tok, amp, 16 if q else 128, 8 if q else 20, 1 if q else 2
     )

@@ -112,3 +112,26 @@ def test_stop_ids_include_endoftext_and_eos(tiny):
     ids = stop_ids(tok)
     assert tok.eos_token_id in ids
     assert tok.convert_tokens_to_ids("<|endoftext|>") in ids
+
+
+def test_shared_prefill_runs_each_prompt_once_and_samples_as_every_row(tiny):
+    """share_prefill: the k copies of a prompt in a batch run its forward once (the model sees each distinct row
+    once), and the samples equal those of the path where every row runs it (fp32: the same arithmetic per row)."""
+    model, tok = tiny
+    requests = [(None, p) for p in ["The cat", "Once upon a time", "I think that"] for _ in range(4)]
+    first_batch_rows = []
+    hook = model.register_forward_pre_hook(
+        lambda mod, args, kwargs: first_batch_rows.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        out = {}
+        for shared in (True, False):
+            first_batch_rows.clear()
+            settings = SampleSettings(max_new_tokens=6, batch_size=12, top_p=0.9, share_prefill=shared)
+            out[shared] = [s.completion for s in sample(model, tok, Template(), requests, settings, seed=5)]
+            assert first_batch_rows[0][0] == (3 if shared else 12)  # the prefill: 3 distinct prompts, or 12 rows
+            assert all(shape[0] == 12 for shape in first_batch_rows[1:])  # every decoding step: all 12 rows
+    finally:
+        hook.remove()
+    assert out[True] == out[False]
+    assert len({c for c in out[True][:4]}) > 1  # the copies of a prompt still draw their own samples

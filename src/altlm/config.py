@@ -388,6 +388,11 @@ class ALTConfig:
         "wider nuclei: the earlier path). The same seed gives other samples under the two.",
         choices=["reject", "sort"],
     )
+    share_prefill: bool = _f(
+        True,
+        "Sampling: the identical rows of a batch (the samples_per_prompt copies of a prompt) run the prompt's "
+        "forward pass once; its KV cache and next-token logits are copied to each copy. Off: every row runs it.",
+    )
     sampler: str = _f(
         "hf",
         "hf: altlm's KV-cached sampler on the policy (CPU or GPU); vllm: vLLM on a CUDA GPU (pip install 'altlm[vllm]'), restarted on the trained weights each iteration and checked against them.",

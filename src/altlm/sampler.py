@@ -27,6 +27,7 @@ class SampleSettings:
     batch_size: int = 64
     max_prompt_tokens: int = 64
     top_p_method: str = "reject"  # how the nucleus is drawn (draw()): reject, or sort (the earlier path)
+    share_prefill: bool = True  # identical rows of a batch (k samples of a prompt) run the prompt's forward once
 
 
 @dataclass
@@ -123,12 +124,22 @@ def decode(
         return ids.new_empty((ids.shape[0], 0))
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    pick, copies = _distinct_rows(ids, attn) if settings.share_prefill else (None, None)
+    if pick is not None and len(pick) < ids.shape[0]:
+        # k samples of one prompt: the prompt's forward runs once, its cache and logits are copied to each sample
+        out = model(
+            input_ids=ids[pick], attention_mask=attn[pick], position_ids=pos[pick], use_cache=True, logits_to_keep=1
+        )
+        out[cache_kw].reorder_cache(copies)
+        next_logits = out.logits[copies, -1]
+    else:
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        next_logits = out.logits[:, -1]
     eos_t = torch.tensor(eos, device=ids.device)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     pos, toks = pos[:, -1:], []
     for step in range(settings.max_new_tokens):
-        logits = out.logits[:, -1].float()
+        logits = next_logits.float()
         if suppress:
             logits[:, suppress] = float("-inf")
         if step < settings.min_new_tokens:
@@ -144,7 +155,21 @@ def decode(
         out = model(
             input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{cache_kw: out[cache_kw]}
         )
+        next_logits = out.logits[:, -1]
     return torch.stack(toks, 1)
+
+
+def _distinct_rows(ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first row of each distinct (ids, mask) row, and for every row the position of its own among them)."""
+    seen: dict[tuple, int] = {}
+    pick, copies = [], []
+    for i, row in enumerate(torch.cat([ids, attn], 1).tolist()):
+        key = tuple(row)
+        if key not in seen:
+            seen[key] = len(pick)
+            pick.append(i)
+        copies.append(seen[key])
+    return torch.tensor(pick, device=ids.device), torch.tensor(copies, device=ids.device)
 
 
 # torch < 2.5 only has the CUDA-specific class

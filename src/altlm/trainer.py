@@ -131,6 +131,7 @@ class ALTTrainer:
             batch_size=cfg.sample_batch_size,
             max_prompt_tokens=cfg.max_prompt_tokens,
             top_p_method=cfg.top_p_method,
+            share_prefill=cfg.share_prefill,
         )
         self.eval_settings = dataclasses.replace(
             self.train_settings, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p
