@@ -44,6 +44,20 @@ def best_of(fn, reps: int) -> float:
     return min(times)
 
 
+def interleaved(paths: dict, reps: int) -> dict[str, list[float]]:
+    """Seconds per call of each path: one warm-up call each, then `reps` rounds calling every path in turn, so a
+    change in the machine's load hits every path alike."""
+    for f in paths.values():
+        f()
+    times = {name: [] for name in paths}
+    for _ in range(reps):
+        for name, f in paths.items():
+            t = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
 def matmul_gflops(m: int, k: int, n: int, dtype, reps: int = 5) -> float:
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     return 2 * m * k * n / best_of(lambda: a @ b, reps) / 1e9
@@ -272,14 +286,7 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             "new_hit_eager": lambda: new_step("eager", True),
             "new_miss_eager": lambda: new_step("eager", False),
         }
-        for f in paths.values():
-            f()  # warm-up
-        times = {k: [] for k in paths}
-        for _ in range(steps):  # interleaved, so a change in machine load hits every path alike
-            for k, f in paths.items():
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
+        times = interleaved(paths, steps)
         toks = sum(len(i) + len(t) for i, t in zip(inputs, targets))
         ref_toks = sum(len(i) + len(t) for i, t in zip(ref_inputs, targets))
         for k, ts in times.items():
@@ -334,14 +341,7 @@ def bench_sampler_vs_generate(model, tok, amp, b: int, new_tokens: int, reps: in
         ),
         "hf_generate": generate,
     }
-    for f in paths.values():
-        f()
-    times = {k: [] for k in paths}
-    for _ in range(reps):
-        for k, f in paths.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+    times = interleaved(paths, reps)
     out = []
     for k, ts in times.items():
         dt = min(ts)
@@ -379,14 +379,7 @@ def bench_sampling_paths(model, tok, amp, n_prompts: int, k: int, new_tokens: in
             "old": lambda: sample(nets["sdpa"], tok, Template(), reqs, old, seed=0),
             "new": lambda: sample(nets["eager"], tok, Template(), reqs, new, seed=0),
         }
-        for f in paths.values():
-            f()  # warm-up
-        times = {name: [] for name in paths}
-        for _ in range(reps):
-            for name, f in paths.items():
-                t = time.perf_counter()
-                f()
-                times[name].append(time.perf_counter() - t)
+        times = interleaved(paths, reps)
         for name, ts in times.items():
             dt = min(ts)
             out.append(
