@@ -93,6 +93,7 @@ def worker(args) -> None:
     rows = procs.merge({procs.rank: mine})
     if procs.main:
         Path(args.out).write_text(json.dumps([rows[r] for r in sorted(rows)]))
+    procs.close()
 
 
 def main() -> None:

@@ -283,6 +283,7 @@ class ALTTrainer:
             self.feedback.judge.close()
         if self.tracker is not None:
             self.tracker.end_training()
+        self.procs.close()
         return json.loads((self.run / "summary.json").read_text())
 
     def write_summary(self, wall: float) -> None:
