@@ -14,6 +14,7 @@ fp32 and bf16 matmul peaks measured at the model's own shapes and at a large squ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -27,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
-from altlm import models  # noqa: E402
-from altlm.loss import alt_loss, target_logits  # noqa: E402
+from altlm import models, refcache  # noqa: E402
+from altlm.loss import alt_loss, layer_input, tail_target_logits, target_hidden, target_logits  # noqa: E402
 from altlm.pool import Pool, Row  # noqa: E402
 from altlm.sampler import SampleSettings, inference_model, sample  # noqa: E402
 from altlm.template import Template  # noqa: E402
@@ -216,10 +217,10 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
     new = the cached reference statistics (reference_cache=true, loss.alt_loss ref_stats) — `new_hit` when every
     row of the batch is cached (steady state), `new_miss` when none is (the step that first draws the rows pays one
     reference forward for them) — with SDPA, and `_eager` the same with eager attention (attn_implementation=auto
-    on CPU)."""
+    on CPU). The demo's reference reads the tag (reference_input: conditioned): `new_miss_conditioned_eager` is its
+    first draw with a whole reference forward, `new_miss_shared_eager` with the forward starting at the lowest
+    adapted block from the policy's activations (share_frozen_layers)."""
     import copy
-
-    from altlm.loss import target_hidden
 
     lora = dict(
         r=16,
@@ -230,6 +231,8 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     kl, entropy = 0.1, 0.0  # the demo's coefficients
+    n_layers = model.config.num_hidden_layers
+    shared = n_layers - max(1, round(n_layers * lora_layers))  # models.prepare_for_training's lowest adapted block
     v = len(tok)
     autocast = lambda: torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
     nets = {}
@@ -249,14 +252,15 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
     for b in batches:
         inputs, ref_inputs, targets = demo_batch(tok, b)
 
-        def reference_stats(m):
+        def reference_stats(m, ref_in, record=None):
             with torch.no_grad(), m.disable_adapter(), autocast():
-                logits = target_hidden(m, ref_inputs, targets, tok.pad_token_id)[1]
-            log_q = torch.log_softmax(logits.float()[:, :v], -1)
-            q = log_q.exp()
-            return q @ m.get_output_embeddings().weight[:v].float(), (q * log_q).sum(-1)
+                if record:
+                    logits = tail_target_logits(m, record, shared, list(range(b)), targets, tok.pad_token_id)
+                else:
+                    logits = target_hidden(m, ref_in, targets, tok.pad_token_id)[1]
+            return refcache.statistics(logits, m.get_output_embeddings().weight, v)
 
-        cached = {attn: reference_stats(m) for attn, (m, _) in nets.items() if attn != "old"}
+        cached = {attn: reference_stats(m, ref_inputs) for attn, (m, _) in nets.items() if attn != "old"}
 
         def old_step():
             m, opt = nets["old"]
@@ -269,11 +273,17 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        def new_step(attn, hit):
+        def new_step(attn, hit, reference="prompt"):
             m, opt = nets[attn]
-            stats = cached[attn] if hit else reference_stats(m)
-            with autocast():
+            if hit:
+                stats = cached[attn]
+            elif reference != "shared":
+                stats = reference_stats(m, ref_inputs if reference == "prompt" else inputs)
+            record_input = layer_input(m, shared) if reference == "shared" else contextlib.nullcontext({})
+            with autocast(), record_input as record:
                 hidden, logits, tgt = target_hidden(m, inputs, targets, tok.pad_token_id)
+            if reference == "shared":
+                stats = reference_stats(m, None, record)
             loss, _ = alt_loss(logits, tgt, None, None, kl, entropy, vocab_size=v, ref_stats=(hidden, *stats))
             loss.backward()
             opt.step()
@@ -285,6 +295,8 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             "new_miss": lambda: new_step("sdpa", False),
             "new_hit_eager": lambda: new_step("eager", True),
             "new_miss_eager": lambda: new_step("eager", False),
+            "new_miss_conditioned_eager": lambda: new_step("eager", False, "conditioned"),
+            "new_miss_shared_eager": lambda: new_step("eager", False, "shared"),
         }
         times = interleaved(paths, steps)
         toks = sum(len(i) + len(t) for i, t in zip(inputs, targets))
@@ -293,7 +305,10 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             dt = sorted(ts)[len(ts) // 2]  # the median step
             # FLOPs: 2N per token forward, 2N per token backward through the adapted top blocks (activation
             # gradients; lora_layers of them), + 2N per reference token when the reference forward runs
-            flops = (2 + 2 * lora_layers) * n_params * toks + (0 if "hit" in k else 2 * n_params * ref_toks)
+            ref_flops = 2 * n_params * (toks if "conditioned" in k else ref_toks)
+            if "shared" in k:  # the reference runs the adapted blocks only
+                ref_flops = 2 * lora_layers * n_params * toks
+            flops = (2 + 2 * lora_layers) * n_params * toks + (0 if "hit" in k else ref_flops)
             rows.append(
                 {
                     "path": k,

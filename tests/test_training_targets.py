@@ -138,6 +138,43 @@ def test_conditioned_reference_cache_follows_a_rows_new_feedback(tmp_path):
     assert stats["kl"] == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("share", ["true", "false"])
+def test_a_cache_miss_runs_the_frozen_blocks_below_the_adapter_once(tmp_path, share):
+    """share_frozen_layers: with LoRA on the top block of two and a conditioned reference, a row's first draw runs
+    the bottom block once (in the policy's forward) instead of twice; the recorded KL is the by-hand one, when every
+    row of the step is missing and when only the rows whose feedback moved are (their slice of the batch)."""
+    t = trainer(
+        tmp_path,
+        "training_mode=lora",
+        "lora_layers=0.5",
+        "reference_input=conditioned",
+        "reference_cache=true",
+        f"share_frozen_layers={share}",
+    )
+    assert t.shared_layers == (1 if share == "true" else 0)
+    fill_pool(t)
+    perturb_adapter(t)
+    rows_seen = []
+    bottom = t.model.get_base_model().base_model.layers[0]
+    handle = bottom.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[0]))
+    want = kl_by_hand(t, True)
+    rows_seen.clear()
+    stats = t.train_phase(1)
+    assert stats["reference_forward_rows"] == len(ROWS)
+    assert sum(rows_seen) == len(ROWS) * (1 if share == "true" else 2)
+    assert stats["kl"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    moved = [(fb.replace("Lowest", "Maximum") if i % 2 else fb, p, c, tr) for i, (fb, p, c, tr) in enumerate(ROWS)]
+    t.pool.set_feedback(
+        [r.id for r in sorted(t.pool.rows(), key=lambda r: r.id)], [0] * len(ROWS), [m[0] for m in moved]
+    )
+    want = kl_by_hand(t, True, rows=moved)
+    stats = t.train_phase(1)
+    handle.remove()
+    t.pool.close()
+    assert stats["reference_forward_rows"] == sum(m[0] != r[0] for m, r in zip(moved, ROWS)) == 1
+    assert stats["kl"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
 def test_attention_key_reaches_the_model_and_eager_trains_as_sdpa(tmp_path):
     """attn_implementation: auto is eager on CPU; one training step on left-padded rows of unequal lengths records
     the same loss terms, and moves the adapter alike, under eager and SDPA attention (fp32)."""

@@ -372,6 +372,12 @@ class ALTConfig:
         "What the reference sees: prompt (no feedback prefix, ALT toxicity) or conditioned (same input as the policy).",
         choices=["prompt", "conditioned"],
     )
+    share_frozen_layers: bool = _f(
+        True,
+        "With the reference cache, reference_input: conditioned and LoRA on the top lora_layers only: a row's "
+        "first draw starts the reference forward from the policy's activations at the lowest adapted block (the "
+        "blocks below it compute the same on the same input) instead of running them twice. Off: a whole forward.",
+    )
     # --- sampling (training rounds) ---
     temperature: float = _f(1.0, "Sampling temperature for training rounds.")
     top_p: float = _f(1.0, "Nucleus top-p for training rounds.")

@@ -10,6 +10,8 @@ loss = mean over generated tokens of [ −log pθ(y_t | f, x, y<t) + β·KL_t �
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .template import left_pad
@@ -25,6 +27,11 @@ def _pad_targets(targets: list[list[int]], m: int, pad_id: int, device):
     return tgt, mask
 
 
+def _causal_lm(model):
+    """The causal LM itself, inside a peft model or not; its decoder body (e.g. LlamaModel) is `.base_model`."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def target_hidden(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int):
     """(final hidden states [N, D] before the LM head, logits [N, V], target ids [N]) at the N completion positions
     of `inputs + targets`, row by row: packed, with no padding. The reference cache's KL needs the hidden states.
@@ -36,11 +43,54 @@ def target_hidden(model, inputs: list[list[int]], targets: list[list[int]], pad_
     dev = next(model.parameters()).device
     ids, attn, pos = ids.to(dev), attn.to(dev), pos.to(dev)
     m = max(len(t) for t in targets)
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = _causal_lm(model)
     out = causal_lm.base_model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
     tgt, mask = _pad_targets(targets, m, pad_id, ids.device)
     hidden = out.last_hidden_state[:, -(m + 1) : -1][mask]
     return hidden, causal_lm.get_output_embeddings()(hidden), tgt[mask]
+
+
+@contextlib.contextmanager
+def layer_input(model, index: int):
+    """Records what the decoder body passes to its layer `index` during a forward run inside the block: the hidden
+    states (`record["hidden"]`) and the keyword arguments (mask, rotary embeddings, position ids)."""
+    record: dict = {}
+
+    def hook(module, args, kwargs):
+        record["hidden"] = args[0] if args else kwargs["hidden_states"]
+        record["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+    handle = _causal_lm(model).base_model.layers[index].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+def tail_target_logits(model, record: dict, index: int, rows: list[int], targets: list[list[int]], pad_id: int):
+    """Logits [N, V] at the completion positions of the batch rows `rows`, from the input `layer_input` recorded at
+    layer `index` of target_hidden's forward over the whole batch (`targets`: all its rows): layers index.. , the
+    final norm and the head run again on those rows alone, as the model is now (e.g. with its adapter disabled)."""
+    batch = record["hidden"].shape[0]
+    keep = torch.tensor(rows, device=record["hidden"].device)
+
+    def pick(value):  # the rows' slice of every per-row tensor (mask, position ids, rotary cos/sin)
+        if isinstance(value, tuple):
+            return tuple(pick(v) for v in value)
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
+            return value[keep]
+        return value
+
+    kwargs = {k: pick(v) for k, v in record["kwargs"].items()}
+    hidden = record["hidden"].detach()[keep]
+    causal_lm = _causal_lm(model)
+    body = causal_lm.base_model
+    for layer in body.layers[index : body.config.num_hidden_layers]:
+        hidden = layer(hidden, **kwargs)
+    hidden = body.norm(hidden)
+    m = max(len(t) for t in targets)  # the whole batch's: left padding right-aligned every row to it
+    mask = _pad_targets([targets[i] for i in rows], m, pad_id, hidden.device)[1]
+    return causal_lm.get_output_embeddings()(hidden[:, -(m + 1) : -1][mask])
 
 
 def target_logits(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int):

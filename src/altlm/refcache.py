@@ -35,6 +35,14 @@ def key(row_id: int, feedback: str | None = None, conditioned: bool = False) -> 
     return f"{row_id}-{hashlib.sha1((feedback or '').encode()).hexdigest()[:16]}"
 
 
+def statistics(logits: torch.Tensor, head: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the KL needs of the reference's logits [N, V] at N tokens: Wᵀq [N, D] and Σ q log q [N], in fp32 (the
+    KL subtracts terms of tens to get values near 0.1), over the tokenizer's vocabulary (`head`: W, [V, D])."""
+    log_q = torch.log_softmax(logits.float()[:, :vocab_size], -1)
+    q = log_q.exp()
+    return q @ head[:vocab_size].float(), (q * log_q).sum(-1)
+
+
 class ReferenceCache:
     def __init__(self, run: Path):
         self.folder = Path(run) / FOLDER

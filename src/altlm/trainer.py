@@ -31,7 +31,7 @@ from .distributed import Processes
 from .errors import AltlmError
 from .feedback import Feedback, build_feedback
 from .feedback.noise import labelled_indices, noise_categories, noise_offset, noise_sentences
-from .loss import alt_loss, target_hidden, target_logits
+from .loss import alt_loss, layer_input, tail_target_logits, target_hidden, target_logits
 from .pool import Pool, Row
 from .refcache import ReferenceCache
 from .report import open_trackers, write_report
@@ -108,6 +108,7 @@ class ALTTrainer:
         # The training forward goes through DDP, or FSDP's shards; sampling, evaluation and saving get whole weights (procs.full).
         self.ddp = self.procs.wrap(self.model)
         self.refcache = self.open_reference_cache()
+        self.shared_layers = self.frozen_layers_below_adapter()
         self.vllm = VLLMSampler.for_run(cfg, self.run, self.procs.world)  # None unless sampler=vllm
         self.fluency = None
         if cfg.perplexity_model:
@@ -675,9 +676,11 @@ class ALTTrainer:
         autocast = torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
         ref_logits = ref_stats = None
         if self.refcache is not None:
-            self.fill_reference_cache(batch, targets)
-            with autocast:
+            shared = self.shared_layers
+            record_input = layer_input(self.model, shared) if shared else contextlib.nullcontext({})
+            with autocast, record_input as record:
                 hidden, logits, tgt = target_hidden(self.ddp, inputs, targets, tok.pad_token_id)
+            self.fill_reference_cache(batch, targets, record)
             mask = None  # packed: completion positions only
             ref_stats = (hidden, *self.refcache.gather(self.reference_keys(batch), hidden.device))
         else:
@@ -727,15 +730,34 @@ class ALTTrainer:
         conditioned = self.cfg.reference_input == "conditioned" and self.cfg.use_feedback
         return [refcache.key(r.id, r.feedback, conditioned) for r in rows]
 
+    def frozen_layers_below_adapter(self) -> int:
+        """The bottom decoder blocks a cache miss's reference forward can skip (share_frozen_layers): where the
+        reference is the frozen base reading the policy's own input (conditioned) and LoRA adapts the top blocks
+        only, the blocks below the lowest adapted one compute the same for both. 0: the whole forward runs."""
+        cfg = self.cfg
+        if self.refcache is None or self.ref_model is not None:
+            return 0
+        if not cfg.share_frozen_layers or cfg.reference_input != "conditioned":
+            return 0
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        def adapted(module) -> bool:
+            return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+        if adapted(self.model.get_input_embeddings()):  # e.g. Quark's trained token rows
+            return 0
+        layers = self.model.get_base_model().base_model.layers
+        return next((i for i, layer in enumerate(layers) if adapted(layer)), 0)
+
     @torch.no_grad()
-    def fill_reference_cache(self, rows, targets) -> None:
-        """Reference statistics for the rows of a step that have none yet (refcache.py), in one forward pass."""
+    def fill_reference_cache(self, rows, targets, record: dict) -> None:
+        """Reference statistics for the rows of a step that have none yet (refcache.py), in one forward pass: from
+        the lowest adapted block up when the policy's forward recorded its input there (`record`), else whole."""
         tok = self.tokenizer
         keys = self.reference_keys(rows)
         missing = self.refcache.missing(keys)
         if not missing:
             return
-        ref_in = [self.reference_input(rows[i]) for i in missing]
         ref_targets = [targets[i] for i in missing]
         model = self.ref_model if self.ref_model is not None else self.model
         adapter_off = self.model.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
@@ -743,12 +765,13 @@ class ALTTrainer:
             adapter_off,
             torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
         ):
-            logits = target_hidden(model, ref_in, ref_targets, tok.pad_token_id)[1]
-        log_q = torch.log_softmax(logits.float()[:, : self.vocab_size], -1)
-        q = log_q.exp()
-        negentropy = (q * log_q).sum(-1)
-        head = self.model.get_output_embeddings().weight[: self.vocab_size].float()
-        mean_embedding = q @ head  # Wᵀq per token: [tokens, D]
+            if record:
+                logits = tail_target_logits(model, record, self.shared_layers, missing, targets, tok.pad_token_id)
+            else:
+                ref_in = [self.reference_input(rows[i]) for i in missing]
+                logits = target_hidden(model, ref_in, ref_targets, tok.pad_token_id)[1]
+        head = self.model.get_output_embeddings().weight
+        mean_embedding, negentropy = refcache.statistics(logits, head, self.vocab_size)
         start = 0
         for i, t in zip(missing, ref_targets):
             end = start + len(t)
