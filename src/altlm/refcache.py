@@ -5,8 +5,9 @@ the prompt without feedback, then the completion) the reference's distribution q
 changes. With `reference_input: conditioned` the reference also reads the row's feedback, which changes when the
 quantiles are re-cut: an entry is then keyed by the row and its feedback string (`key`). The KL needs only two
 numbers of q per token (loss.alt_loss, `ref_stats`): the mean output embedding Wᵀq (a D-vector) and the negative
-entropy Σ q log q. They are computed the first time a row is drawn (one
-reference forward over the rows of the step that lack them) and reused by every later draw of the row.
+entropy Σ q log q (`statistics`). They are computed the first time a row is drawn (one reference forward over the
+rows of the step that lack them; under `share_frozen_layers` it starts at the lowest adapted block from the policy's
+activations) and reused by every later draw of the row.
 
 Resume stays exact: the entries computed since the last training snapshot are written with it
 (`refcache/it<i>-step<s>.safetensors`, temp file then rename), a resume reloads those up to its snapshot and

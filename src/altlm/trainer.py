@@ -676,7 +676,7 @@ class ALTTrainer:
         autocast = torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
         ref_logits = ref_stats = None
         if self.refcache is not None:
-            shared = self.shared_layers
+            shared = self.shared_layers  # 0: nothing to record, the reference forward runs whole
             record_input = layer_input(self.model, shared) if shared else contextlib.nullcontext({})
             with autocast, record_input as record:
                 hidden, logits, tgt = target_hidden(self.ddp, inputs, targets, tok.pad_token_id)
