@@ -60,6 +60,7 @@ EVAL = [
     "reference_input=prompt",
     "kl_coef=0.1",
     "top_p=1.0",
+    "learning_rate=1e-3",
     "iterations=7",
 ]
 JUDGE_ERROR = 0.3  # the scripted judge's own inconsistency: share of its answers drawn at random

@@ -59,6 +59,7 @@ EVAL = [
     "reference_input=prompt",
     "kl_coef=0.1",
     "top_p=1.0",
+    "learning_rate=1e-3",
 ]
 # ALT per iteration: 64 prompts × 4 samples, 32 steps × 12 (the demo's 1.5 training examples per generated sample)
 ALT = ["prompts_per_iteration=64", "samples_per_prompt=4", "train_steps=32", "likelihood_texts=100"]
