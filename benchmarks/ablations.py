@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))  # common.py, beside this script
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
-from common import run_altlm, save_figure, write_atomic  # noqa: E402
+from common import DEMO_RECIPE_THEN, run_altlm, save_figure, write_atomic  # noqa: E402
 
 from altlm import claims as C  # noqa: E402
 
@@ -56,12 +56,8 @@ EVAL = [
     "eval_samples_per_prompt=2",
     "likelihood_texts=100",
     "report=false",
-    # the demo's recipe when these points were measured (the demo has moved on: README "Results")
-    "reference_input=prompt",
-    "kl_coef=0.1",
-    "top_p=1.0",
-    "learning_rate=1e-3",
-    "iterations=7",
+    *DEMO_RECIPE_THEN,
+    "iterations=7",  # the demo recipe then, too
 ]
 JUDGE_ERROR = 0.3  # the scripted judge's own inconsistency: share of its answers drawn at random
 JUDGE_TEMPLATE = (

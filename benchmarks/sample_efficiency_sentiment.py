@@ -44,7 +44,7 @@ from altlm.config import load_config  # noqa: E402
 from altlm.errors import AltlmError  # noqa: E402
 from altlm import metrics  # noqa: E402
 from altlm.evaluation import clean  # noqa: E402
-from common import run_altlm, save_figure, write_atomic  # noqa: E402
+from common import DEMO_RECIPE_THEN, run_altlm, save_figure, write_atomic  # noqa: E402
 
 NAME = "sample_efficiency_sentiment"
 LABELS = {"alt": "ALT-RM", "grpo": "GRPO (TRL)", "rloo": "RLOO (TRL)", "ppo": "PPO (TRL)", "best_of_n": "best-of-n SFT"}
@@ -55,11 +55,7 @@ EVAL = [
     "eval_samples_per_prompt=2",
     "perplexity_samples_per_prompt=1",
     "save_steps=0",
-    # the demo's recipe when the committed results were measured (the demo has moved on: README "Results")
-    "reference_input=prompt",
-    "kl_coef=0.1",
-    "top_p=1.0",
-    "learning_rate=1e-3",
+    *DEMO_RECIPE_THEN,
 ]
 # ALT per iteration: 64 prompts × 4 samples, 32 steps × 12 (the demo's 1.5 training examples per generated sample)
 ALT = ["prompts_per_iteration=64", "samples_per_prompt=4", "train_steps=32", "likelihood_texts=100"]

@@ -31,7 +31,7 @@ def evaluated(tmp_path, *overrides: str) -> tuple[dict[tuple[int, str], Counter]
         ],
     )
     ALTTrainer(cfg).train()
-    records = [json.loads(line) for line in open(tmp_path / "run" / "eval_samples.jsonl")]
+    records = [json.loads(line) for line in (tmp_path / "run" / "eval_samples.jsonl").read_text().splitlines()]
     counts: dict[tuple[int, str], Counter] = {}
     for r in records:
         counts.setdefault((r["iteration"], r["feedback"] or "<none>"), Counter())[r["prompt"]] += 1
@@ -44,7 +44,8 @@ def test_claims_conditions_sample_what_the_claims_read(tmp_path, middle):
     counts, scored = evaluated(tmp_path, "eval_conditions=claims", f"eval_middle_samples_per_prompt={middle}")
     assert set(counts) == {(0, "<none>"), (0, BEST), (0, WORST), *((1, w) for w in TOXICITY_WORDS)}
     for (it, fb), per_prompt in counts.items():
-        k = middle if (it == 1 and fb not in (BEST, WORST) and middle) else 2
+        middle_string = fb not in ("<none>", BEST, WORST)  # (only the final model is evaluated under these)
+        k = middle if middle_string and middle else 2
         assert len(per_prompt) == 2 and set(per_prompt.values()) == {k}, (it, fb, per_prompt)
     # the perplexity claim compares the final model under the exemplar with the untagged reference
     assert scored == {(0, "<none>"), (1, BEST)}
