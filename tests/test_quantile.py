@@ -77,11 +77,43 @@ def test_ties_share_a_bucket():
     assert b2 == [b[i] for i in perm]
 
 
-def test_buckets_are_monotone_in_score():
+@pytest.mark.parametrize("seed", range(3))
+def test_ties_first_without_ties_is_the_plain_cut(seed):
+    rng = random.Random(seed)
+    for n in (5, 9, 10, 14, 23, 50):
+        scores = [s / 1000 for s in rng.sample(range(1000), n)]  # distinct
+        for hib in (False, True):
+            assert quantile_buckets(scores, 5, hib, ties="first") == hand_buckets(scores, 5, hib)
+
+
+def test_ties_first_gives_a_mass_point_the_bucket_where_it_begins():
+    # VADER's shape: strong and mild positives, one mildly positive text, a mass point at 0, then negatives.
+    # Best first, 20 items, 5 buckets of 4: positions 0-3 | 4-7 | 8 (0.1) and the zeros at 9-15 | 16-19.
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1] + [0.0] * 7 + [-0.1, -0.2, -0.5, -0.9]
+    middle = quantile_buckets(scores, 5, higher_is_better=True)
+    first = quantile_buckets(scores, 5, higher_is_better=True, ties="first")
+    # middle: the zeros' middle position (12) is in bucket 3, so the middle bucket holds one text and every
+    # negative text shares the worst bucket
+    assert middle == [0] * 4 + [1] * 4 + [2] + [3] * 7 + [4] * 4
+    # first: the zeros join the bucket they begin in (2); the four positions after them are cut again over the
+    # two buckets left, so the milder negatives and the worst ones get different words
+    assert first == [0] * 4 + [1] * 4 + [2] + [2] * 7 + [3, 3, 4, 4]
+    # the same with lower-is-better scores (toxicity's direction), and whatever the input order
+    assert quantile_buckets([-s for s in scores], 5, higher_is_better=False, ties="first") == first
+    perm = list(range(20))
+    random.Random(4).shuffle(perm)
+    shuffled = quantile_buckets([scores[i] for i in perm], 5, True, ties="first")
+    assert shuffled == [first[i] for i in perm]
+    # per prompt: the same rule inside each group
+    assert grouped_buckets(scores * 2, [1] * 20 + [2] * 20, 5, True, ties="first") == first * 2
+
+
+@pytest.mark.parametrize("ties", ["middle", "first"])
+def test_buckets_are_monotone_in_score(ties):
     rng = random.Random(0)
     scores = [round(rng.random(), 1) for _ in range(40)]  # many ties
     for hib in (False, True):
-        b = quantile_buckets(scores, 5, hib)
+        b = quantile_buckets(scores, 5, hib, ties)
         for i in range(40):
             for j in range(40):
                 better = scores[i] > scores[j] if hib else scores[i] < scores[j]
@@ -157,3 +189,18 @@ def test_quantile_feedback_per_prompt_and_call():
     # global mode on the same scores: the duplicates tie, so each pair shares a bucket
     gb, _ = QuantileFeedback(vader, words, "global").rebucket(scores * 2, [0] * 5 + [1] * 5)
     assert gb[:5] == gb[5:]
+
+
+def test_quantile_ties_reaches_the_trainers_feedback(tmp_path):
+    """The config key goes through build_feedback, the call the trainer makes, into the pool's re-cut."""
+    from altlm.config import load_config
+    from altlm.feedback import build_feedback
+
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1] + [0.0] * 7 + [-0.1, -0.2, -0.5, -0.9]
+    got = {}
+    for ties in ("middle", "first"):
+        cfg = load_config("sentiment-demo", [f"quantile_ties={ties}"])
+        provider, _ = build_feedback(cfg, tmp_path)
+        got[ties], words = provider.rebucket(scores, [0] * 20)
+        assert words[15] == cfg.feedback_words[got[ties][15]]
+    assert got["middle"][9:16] == [3] * 7 and got["first"][9:16] == [2] * 7

@@ -205,6 +205,14 @@ class ALTConfig:
         "global: cut the whole pool into quantiles (accumulating, toxicity/Quark); per_prompt: cut each prompt's samples (TL;DR).",
         choices=["global", "per_prompt"],
     )
+    quantile_ties: str = _f(
+        "middle",
+        "How tied scores are bucketed (they always share one bucket). middle: the bucket of the tie group's middle "
+        "position. first: the bucket where the group begins, the positions after it cut again over the buckets left "
+        "(a scorer with a mass point, as VADER's exact 0 for a third of the samples, then gives the mass point the "
+        "middle tag instead of the one below it).",
+        choices=["middle", "first"],
+    )
     seed_pool: bool = _f(
         False,
         "Before iteration 1, score the human-written continuation of every training prompt (fortune prompts only) and add it to the pool as iteration 0 (Chain-of-Hindsight style), so the feedback strings see real text across the whole score range from the start.",

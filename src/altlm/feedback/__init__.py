@@ -24,7 +24,7 @@ def build_feedback(cfg, cache_root) -> tuple[FeedbackProvider, Scorer]:
     the same scorer; ALT-LMC/LMU: the LLM judge is both."""
     if cfg.feedback_type == "rm":
         scorer = build_scorer(cfg.scorer, cfg)
-        return QuantileFeedback(scorer, cfg.feedback_words, cfg.quantiles), scorer
+        return QuantileFeedback(scorer, cfg.feedback_words, cfg.quantiles, cfg.quantile_ties), scorer
     from pathlib import Path
 
     from .judge import JudgeSettings

@@ -13,10 +13,15 @@ from .base import Feedback, Scorer
 from .noise import noised_bucket
 
 
-def quantile_buckets(scores: Sequence[float], k: int, higher_is_better: bool) -> list[int]:
+def quantile_buckets(scores: Sequence[float], k: int, higher_is_better: bool, ties: str = "middle") -> list[int]:
     """Bucket 0 = best. Sort best-first and cut into k equal quantiles; the remainder of n/k goes to the worst
-    bucket (Quark's rule). Tied scores share one bucket — the bucket of the tie group's middle position — so
-    identical completions never get contradictory feedback (bucket sizes may then differ slightly)."""
+    bucket (Quark's rule). Tied scores share one bucket, so identical scores never get contradictory feedback
+    (bucket sizes may then differ):
+    - `middle`: the bucket of the tie group's middle position.
+    - `first`: the bucket where the group begins (rank method "min"); when a group runs past its bucket's end, the
+      positions after it are cut again into equal quantiles over the buckets left, so no bucket is left empty.
+      A scorer with a mass point inside its range (VADER's exact 0 for text without sentiment words, about a third
+      of the samples) then gets one bucket of its own for the mass point instead of the bucket after it."""
     n = len(scores)
     if n == 0:
         return []
@@ -27,26 +32,36 @@ def quantile_buckets(scores: Sequence[float], k: int, higher_is_better: bool) ->
     else:  # fewer samples than buckets: spread them best-to-worst over the k buckets
         pos_bucket = [round(p * (k - 1) / max(n - 1, 1)) for p in range(n)]
     out = [0] * n
+    bucket, end = 0, size  # ties=first: the current bucket and the position where it ends
     p = 0
     while p < n:
         q = p
         while q + 1 < n and scores[order[q + 1]] == scores[order[p]]:
             q += 1
-        b = pos_bucket[(p + q) // 2]
+        if ties == "middle" or not size:
+            b = pos_bucket[(p + q) // 2]
+        else:
+            if p >= end and bucket < k - 1:
+                overran = p > end  # the group before ran past the end: cut what is left again
+                bucket += 1
+                end = p + (n - p) // (k - bucket) if overran else end + size
+            b = bucket
         for j in range(p, q + 1):
             out[order[j]] = b
         p = q + 1
     return out
 
 
-def grouped_buckets(scores: Sequence[float], groups: Sequence[int], k: int, higher_is_better: bool) -> list[int]:
+def grouped_buckets(
+    scores: Sequence[float], groups: Sequence[int], k: int, higher_is_better: bool, ties: str = "middle"
+) -> list[int]:
     """quantile_buckets within each group (per-prompt quantiles)."""
     idx: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         idx.setdefault(g, []).append(i)
     out = [0] * len(scores)
     for members in idx.values():
-        for i, b in zip(members, quantile_buckets([scores[i] for i in members], k, higher_is_better)):
+        for i, b in zip(members, quantile_buckets([scores[i] for i in members], k, higher_is_better, ties)):
             out[i] = b
     return out
 
@@ -56,8 +71,8 @@ class QuantileFeedback:
 
     relative = True
 
-    def __init__(self, scorer: Scorer, words: list[str], mode: str = "global"):
-        self.scorer, self.vocabulary, self.mode = scorer, list(words), mode
+    def __init__(self, scorer: Scorer, words: list[str], mode: str = "global", ties: str = "middle"):
+        self.scorer, self.vocabulary, self.mode, self.ties = scorer, list(words), mode, ties
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[Feedback]:
         # NaN: the scorer could not score this text (e.g. an API error): kept in the pool as invalid, never trained on
@@ -69,9 +84,10 @@ class QuantileFeedback:
         """Buckets and words over the pool, one per row. `noise`: each row's feedback_noise offset (None: its own
         bucket); the quantiles are cut on the true scores, the offset then moves a noised row off its bucket."""
         k, hib = len(self.vocabulary), self.scorer.higher_is_better
-        buckets = (
-            quantile_buckets(scores, k, hib) if self.mode == "global" else grouped_buckets(scores, prompt_ids, k, hib)
-        )
+        if self.mode == "global":
+            buckets = quantile_buckets(scores, k, hib, self.ties)
+        else:
+            buckets = grouped_buckets(scores, prompt_ids, k, hib, self.ties)
         if noise is not None:
             buckets = [noised_bucket(b, offset, k) for b, offset in zip(buckets, noise)]
         return buckets, [self.vocabulary[b] for b in buckets]
