@@ -411,6 +411,36 @@ def bench_sampling_paths(model, tok, amp, n_prompts: int, k: int, new_tokens: in
     return out
 
 
+def bench_compiled_decode(model, tok, amp, n_prompts: int, k: int, new_tokens: int, reps: int) -> dict:
+    """torch.compile (inductor, dynamic shapes: the KV cache grows every step) of the decoding forward against the
+    eager one, at the demo's sampling shape and top-p 0.9, interleaved; the compile time is the first call's."""
+    import copy
+
+    m = copy.deepcopy(model)
+    m.set_attn_implementation("eager")
+    eager = inference_model(m, amp)
+    compiled = inference_model(m, amp)
+    compiled.forward = torch.compile(compiled.forward, dynamic=True)
+    reqs = [(None, p) for p in prompts(n_prompts) for _ in range(k)]
+    settings = SampleSettings(1.0, 0.9, new_tokens, new_tokens, len(reqs), 64)
+    t = time.perf_counter()
+    sample(compiled, tok, Template(), reqs, settings, seed=0)
+    first_call = time.perf_counter() - t
+    paths = {
+        "eager": lambda: sample(eager, tok, Template(), reqs, settings, seed=0),
+        "compiled": lambda: sample(compiled, tok, Template(), reqs, settings, seed=0),
+    }
+    times = interleaved(paths, reps)
+    rates = {name: round(len(reqs) * new_tokens / min(ts), 1) for name, ts in times.items()}
+    return {
+        "rows": len(reqs),
+        "new_tokens": new_tokens,
+        "first_call_with_compile_s": round(first_call, 1),
+        "tokens_per_s": rates,
+        "compiled_vs_eager": round(rates["compiled"] / rates["eager"], 3),
+    }
+
+
 def bench_scoring(n: int) -> dict:
     from altlm.feedback import build_scorer
 
@@ -565,6 +595,12 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--profile", action="store_true", help="only profile sampling and write results/throughput_profile.txt"
     )
+    ap.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="only torch.compile of the decoding forward against eager (several minutes of compiling): "
+        "results/compile_decode.json",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -586,6 +622,13 @@ def main(argv=None) -> int:
             model, tok, models.autocast_dtype("auto", torch.device("cpu")), ROOT / "results" / "throughput_profile.txt"
         )
         print(json.dumps(rates, indent=1))
+        return 0
+    if args.compile_decode:
+        amp = models.autocast_dtype("auto", torch.device("cpu"))
+        res["compiled_decode"] = bench_compiled_decode(model, tok, amp, 32, 4, 16, 3)
+        out = ROOT / "results" / "compile_decode.json"
+        out.write_text(json.dumps(res, indent=2))
+        print(json.dumps(res["compiled_decode"], indent=1))
         return 0
     res["roofline"] = roof = roofline(args.quick)
     n = dense_params(model)

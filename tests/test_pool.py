@@ -151,6 +151,34 @@ def test_draw_uniform(pool):
     ]
 
 
+def test_draw_by_bucket(pool):
+    assert pool.draw_by_bucket(6, 3, random.Random(0)) == []
+    # bucket 0: 20 rows, bucket 1: 3 rows, bucket 2: 7 rows; an invalid row and a flushed one are never drawn
+    pool.add([row(1, i, f"a{i}", bucket=0) for i in range(20)])
+    pool.add([row(1, 20 + i, f"b{i}", bucket=1) for i in range(3)])
+    pool.add([row(1, 30 + i, f"c{i}", bucket=2) for i in range(7)])
+    pool.add([row(1, 99, "invalid", bucket=1, valid=False)])
+    d = pool.draw_by_bucket(15, 3, random.Random(0))
+    assert Counter(r.bucket for r in d) == {0: 5, 1: 5, 2: 5}  # a uniform draw gives bucket 1 about 1.5 rows
+    assert all(r.valid for r in d)
+    assert {r.completion for r in d if r.bucket == 1} == {"b0", "b1", "b2"}  # short bucket: all, then repeats
+    assert len({r.id for r in d if r.bucket == 0}) == 5  # without replacement where the bucket suffices
+    assert [r.bucket for r in d] != sorted(r.bucket for r in d)  # shuffled, not bucket after bucket
+    # the remainder goes to buckets drawn at random; the same stream gives the same draw
+    assert sorted(Counter(r.bucket for r in pool.draw_by_bucket(16, 3, random.Random(1))).values()) == [5, 5, 6]
+    assert [r.id for r in pool.draw_by_bucket(16, 3, random.Random(2))] == [
+        r.id for r in pool.draw_by_bucket(16, 3, random.Random(2))
+    ]
+    # within a bucket the draw is uniform: over many draws each of bucket 0's 20 rows comes up about alike
+    counts = Counter(
+        r.id for seed in range(200) for r in pool.draw_by_bucket(15, 3, random.Random(seed)) if r.bucket == 0
+    )
+    assert len(counts) == 20 and max(counts.values()) < 2 * min(counts.values())
+    pool.flush(1.0, random.Random(0), iteration=2)
+    pool.add([row(2, 0, "new", bucket=2)])
+    assert {r.completion for r in pool.draw_by_bucket(4, 3, random.Random(0))} == {"new"}
+
+
 def test_draw_uniform_skips_flushed(pool):
     pool.add([row(1, i, f"a{i}") for i in range(5)])
     pool.flush(1.0, random.Random(0), iteration=2)

@@ -244,6 +244,25 @@ def test_lora_run_and_generate(tmp_path):
     assert o["completion"] != in_process_generate(run, "Maximum Toxicity", "hello there", max_new, base=True)
 
 
+def test_train_draw_by_bucket_trains_every_feedback_string_alike(tmp_path):
+    """train_draw=by_bucket reaches the trainer: each iteration trains every bucket equally often (the iteration
+    summary counts the drawn rows per bucket); the uniform default on the same settings does not."""
+    run = tmp_path / "r"
+    args = [f"output_dir={run}", "train_draw=by_bucket", "train_steps=3", "batch_size=5", *SMALL[:5], *SMALL[7:]]
+    r = run_altlm("train", "--config", "smoke", *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = run_altlm("train", "--config", "smoke", *args, "--dry-run", cwd=tmp_path).stdout
+    assert "train_draw: by_bucket" in plan and "equal draws per feedback string" in plan
+    its = json.loads((run / "summary.json").read_text())["iterations"]
+    assert [x["train"]["examples_per_bucket"] for x in its] == [[3] * 5, [3] * 5]
+    # the uniform default on the same run's settings: the counts follow the pool, not 3 apiece
+    other = tmp_path / "u"
+    args[0:2] = [f"output_dir={other}"]
+    assert run_altlm("train", "--config", "smoke", *args, cwd=tmp_path).returncode == 0
+    its = json.loads((other / "summary.json").read_text())["iterations"]
+    assert sum(x["train"]["examples_per_bucket"] != [3] * 5 for x in its) >= 1
+
+
 def test_run_without_all_feedback_eval(tmp_path):
     run = tmp_path / "r"
     r = run_altlm(

@@ -76,7 +76,8 @@ def plan_lines(cfg) -> list[str]:
     ]
     if cfg.quantiles == "global":
         steps, sle = cfg.train_steps, ""
-        how = "global regime: uniform draws from the pool"
+        draws = "uniform draws" if cfg.train_draw == "uniform" else "equal draws per feedback string"
+        how = f"global regime: {draws} from the pool"
     else:
         # per_prompt: per_bucket rows per bucket per prompt (fewer when a prompt has fewer samples), then one pass
         buckets = 4 if cfg.feedback_type == "lmu" else len(cfg.feedback_words)

@@ -205,6 +205,13 @@ class ALTConfig:
         "global: cut the whole pool into quantiles (accumulating, toxicity/Quark); per_prompt: cut each prompt's samples (TL;DR).",
         choices=["global", "per_prompt"],
     )
+    train_draw: str = _f(
+        "uniform",
+        "Global regime: how training rows are drawn from the pool. uniform: every active row alike (Quark, the "
+        "ALT toxicity code). by_bucket: every feedback string equally often, uniform within it (a string whose "
+        "bucket ties left small is then trained as often as the others).",
+        choices=["uniform", "by_bucket"],
+    )
     quantile_ties: str = _f(
         "middle",
         "How tied scores are bucketed (they always share one bucket). middle: the bucket of the tie group's middle "

@@ -10,6 +10,7 @@ the run's progress record, written in the same transaction as the pool writes it
 
 Draws (method.md §3):
 - `draw_uniform`: the global regime, uniform over the active pool;
+- `draw_by_bucket`: the global regime with every feedback string drawn equally often (`train_draw: by_bucket`);
 - `draw_balanced`: the per-prompt regime, `per_bucket` rows per prompt and bucket, non-truncated first,
   empty buckets filled up randomly from the prompt's other rows.
 """
@@ -217,6 +218,36 @@ class Pool:
         out = rows + [rng.choice(rows) for _ in range(n - len(rows))]
         rng.shuffle(out)
         return out
+
+    def draw_by_bucket(self, n: int, num_buckets: int, rng: random.Random) -> list[Row]:
+        """Global regime, `train_draw: by_bucket`: n rows split evenly over the buckets that hold rows (the
+        remainder to buckets chosen at random), uniform within each bucket, without replacement unless a bucket
+        holds fewer rows than its share; shuffled. Ties can leave a quantile bucket with a few percent of the pool
+        (VADER's zeros); a uniform draw then trains its feedback string that rarely."""
+        by_bucket: dict[int, list[int]] = {}
+        for i, b in self.db.execute(f"SELECT id, bucket FROM samples WHERE {ACTIVE} ORDER BY id"):
+            if b is not None and 0 <= b < num_buckets:
+                by_bucket.setdefault(b, []).append(i)
+        if not by_bucket or n <= 0:
+            return []
+        buckets = sorted(by_bucket)
+        share = {b: n // len(buckets) for b in buckets}
+        for b in rng.sample(buckets, n % len(buckets)):
+            share[b] += 1
+        picks: list[int] = []
+        for b in buckets:
+            ids = by_bucket[b]
+            if share[b] <= len(ids):
+                picks += rng.sample(ids, share[b])
+            else:
+                picks += ids + [rng.choice(ids) for _ in range(share[b] - len(ids))]
+        rng.shuffle(picks)
+        found: dict[int, Row] = {}
+        distinct = sorted(set(picks))
+        for start in range(0, len(distinct), 500):  # SQLite caps the number of bound parameters
+            chunk = distinct[start : start + 500]
+            found.update((r.id, r) for r in self.rows(f"id IN ({','.join('?' * len(chunk))})", tuple(chunk)))
+        return [found[i] for i in picks]
 
     def draw_balanced(self, per_bucket: int, num_buckets: int, rng: random.Random, group: bool = False) -> list[Row]:
         """The per-prompt regime's draw (balanced_draw). `group`: prompts in random order, each prompt's rows kept

@@ -555,7 +555,11 @@ class ALTTrainer:
         rng = random.Random(f"{cfg.seed}/{it}/train")  # its own stream: the draw is the same after a resume
         torch.manual_seed(cfg.seed * 100_003 + it)
         if cfg.quantiles == "global":
-            rows = self.pool.draw_uniform(cfg.train_steps * cfg.batch_size, rng)
+            n = cfg.train_steps * cfg.batch_size
+            if cfg.train_draw == "by_bucket":
+                rows = self.pool.draw_by_bucket(n, self.n_buckets, rng)
+            else:
+                rows = self.pool.draw_uniform(n, rng)
         else:
             rows = self.pool.draw_balanced(cfg.per_bucket, self.n_buckets, rng, group=True)
             if cfg.train_steps:
@@ -646,6 +650,7 @@ class ALTTrainer:
         return {
             "steps": steps,
             "examples": len(rows),
+            "examples_per_bucket": [sum(r.bucket == b for r in rows) for b in range(self.n_buckets)],
             "seconds": round(time.time() - t0, 2),
             **cache,
             **{k: totals[k] / n for k in ("loss", "nll", "kl", "entropy")},
