@@ -19,9 +19,10 @@ def quantile_buckets(scores: Sequence[float], k: int, higher_is_better: bool, ti
     (bucket sizes may then differ):
     - `middle`: the bucket of the tie group's middle position.
     - `first`: the bucket where the group begins (rank method "min"); when a group runs past its bucket's end, the
-      positions after it are cut again into equal quantiles over the buckets left, so no bucket is left empty.
+      positions after it are cut again into equal quantiles over the buckets left, so those buckets still get rows.
       A scorer with a mass point inside its range (VADER's exact 0 for text without sentiment words, about a third
-      of the samples) then gets one bucket of its own for the mass point instead of the bucket after it."""
+      of the samples) then puts the mass point in the bucket where it begins (the middle tag) instead of the one
+      below it."""
     n = len(scores)
     if n == 0:
         return []
