@@ -27,12 +27,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT))  # common.py, beside this script
 
 from altlm import models, refcache  # noqa: E402
 from altlm.loss import alt_loss, layer_input, tail_target_logits, target_hidden, target_logits  # noqa: E402
 from altlm.pool import Pool, Row  # noqa: E402
 from altlm.sampler import SampleSettings, inference_model, sample  # noqa: E402
 from altlm.template import Template  # noqa: E402
+from common import write_atomic  # noqa: E402
 
 
 def best_of(fn, reps: int) -> float:
@@ -571,9 +573,7 @@ def write_paths(res: dict, args, roof: dict) -> int:
         )
     out = Path(args.out).with_name("throughput_paths.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, out)
+    write_atomic(out, json.dumps(res, indent=2))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
@@ -626,8 +626,7 @@ def main(argv=None) -> int:
     if args.compile_decode:
         amp = models.autocast_dtype("auto", torch.device("cpu"))
         res["compiled_decode"] = bench_compiled_decode(model, tok, amp, 32, 4, 16, 3)
-        out = ROOT / "results" / "compile_decode.json"
-        out.write_text(json.dumps(res, indent=2))
+        write_atomic(ROOT / "results" / "compile_decode.json", json.dumps(res, indent=2))
         print(json.dumps(res["compiled_decode"], indent=1))
         return 0
     res["roofline"] = roof = roofline(args.quick)
@@ -672,9 +671,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, out)
+    write_atomic(out, json.dumps(res, indent=2))
 
     print(
         f"roofline: fp32 {roof['peak_fp32']} GFLOP/s, bf16 {roof['peak_bf16']} GFLOP/s → {R} ({roof['roofline_dtype']}); "

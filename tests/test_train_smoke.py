@@ -257,8 +257,8 @@ def test_train_draw_by_bucket_trains_every_feedback_string_alike(tmp_path):
     assert [x["train"]["examples_per_bucket"] for x in its] == [[3] * 5, [3] * 5]
     # the uniform default on the same run's settings: the counts follow the pool, not 3 apiece
     other = tmp_path / "u"
-    args[0:2] = [f"output_dir={other}"]
-    assert run_altlm("train", "--config", "smoke", *args, cwd=tmp_path).returncode == 0
+    uniform = [f"output_dir={other}", *args[2:]]  # the same keys without train_draw
+    assert run_altlm("train", "--config", "smoke", *uniform, cwd=tmp_path).returncode == 0
     its = json.loads((other / "summary.json").read_text())["iterations"]
     assert sum(x["train"]["examples_per_bucket"] != [3] * 5 for x in its) >= 1
 

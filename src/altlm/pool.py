@@ -200,11 +200,7 @@ class Pool:
         picks, found = [], {}
         for _ in range(4):
             cand = [rng.randint(lo, hi) for _ in range(2 * (n - len(picks)))]
-            for start in range(0, len(cand), 500):  # SQLite caps the number of bound parameters
-                chunk = cand[start : start + 500]
-                found.update(
-                    (r.id, r) for r in self.rows(f"id IN ({','.join('?' * len(chunk))}) AND {ACTIVE}", tuple(chunk))
-                )
+            found.update(self.rows_by_id(cand, ACTIVE))
             chosen = set(picks)
             for i in cand:
                 if i in found and i not in chosen and len(picks) < n:
@@ -242,12 +238,19 @@ class Pool:
             else:
                 picks += ids + [rng.choice(ids) for _ in range(share[b] - len(ids))]
         rng.shuffle(picks)
-        found: dict[int, Row] = {}
-        distinct = sorted(set(picks))
-        for start in range(0, len(distinct), 500):  # SQLite caps the number of bound parameters
-            chunk = distinct[start : start + 500]
-            found.update((r.id, r) for r in self.rows(f"id IN ({','.join('?' * len(chunk))})", tuple(chunk)))
+        found = self.rows_by_id(picks)
         return [found[i] for i in picks]
+
+    def rows_by_id(self, ids: list[int], where: str = "1") -> dict[int, Row]:
+        """{id: row} for the rows among `ids` that meet `where`, read in chunks (SQLite caps bound parameters)."""
+        distinct = sorted(set(ids))
+        found: dict[int, Row] = {}
+        for start in range(0, len(distinct), 500):
+            chunk = distinct[start : start + 500]
+            found.update(
+                (r.id, r) for r in self.rows(f"id IN ({','.join('?' * len(chunk))}) AND {where}", tuple(chunk))
+            )
+        return found
 
     def draw_balanced(self, per_bucket: int, num_buckets: int, rng: random.Random, group: bool = False) -> list[Row]:
         """The per-prompt regime's draw (balanced_draw). `group`: prompts in random order, each prompt's rows kept
