@@ -221,7 +221,8 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
     reference forward for them) — with SDPA, and `_eager` the same with eager attention (attn_implementation=auto
     on CPU). The demo's reference reads the tag (reference_input: conditioned): `new_miss_conditioned_eager` is its
     first draw with a whole reference forward, `new_miss_shared_eager` with the forward starting at the lowest
-    adapted block from the policy's activations (share_frozen_layers)."""
+    adapted block from the policy's activations (share_frozen_layers). `_grouped`: the same with grouped attention
+    (eager without repeat_kv's copies; attn_implementation=auto on CPU for SmolLM2)."""
     import copy
 
     lora = dict(
@@ -238,9 +239,9 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
     v = len(tok)
     autocast = lambda: torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
     nets = {}
-    for attn in ("old", "sdpa", "eager"):
+    for attn in ("old", "sdpa", "eager", "grouped"):
         m = models.prepare_for_training(copy.deepcopy(model), "lora", 0.3, lora, [])
-        m.get_base_model().set_attn_implementation("eager" if attn == "eager" else "sdpa")
+        models.set_attention(m.get_base_model(), "sdpa" if attn == "old" else attn, torch.device("cpu"))
         models.contiguous_lm_head(m)
         models.cast_frozen_linears(m, amp)
         if (
@@ -299,6 +300,8 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             "new_miss_eager": lambda: new_step("eager", False),
             "new_miss_conditioned_eager": lambda: new_step("eager", False, "conditioned"),
             "new_miss_shared_eager": lambda: new_step("eager", False, "shared"),
+            "new_hit_grouped": lambda: new_step("grouped", True),
+            "new_miss_shared_grouped": lambda: new_step("grouped", False, "shared"),
         }
         times = interleaved(paths, steps)
         toks = sum(len(i) + len(t) for i, t in zip(inputs, targets))
@@ -374,28 +377,36 @@ def bench_sampler_vs_generate(model, tok, amp, b: int, new_tokens: int, reps: in
     return out
 
 
-def bench_sampling_paths(model, tok, amp, n_prompts: int, k: int, new_tokens: int, reps: int) -> list[dict]:
+def bench_sampling_paths(
+    model, tok, amp, n_prompts: int, k: int, new_tokens: int, reps: int, n_params: int, sweep: list[int]
+) -> list[dict]:
     """The sampler at the demo's shape: k samples of each prompt in one batch, as training rounds and evaluation
     draw them, a fixed number of new tokens (min = max). old = top-p by sort, every row runs its prompt's forward,
-    SDPA attention; new = top-p by rejection, one prefill per distinct prompt (share_prefill), eager attention
-    (attn_implementation=auto on CPU). Side by side, interleaved, the best of `reps`."""
+    SDPA attention; new_eager = top-p by rejection, one prefill per distinct prompt (share_prefill), eager
+    attention; new = the same with grouped attention (attn_implementation=auto on CPU). Side by side, interleaved,
+    the best of `reps`: n_prompts prompts at top-p 1.0 and 0.9, then at top-p 0.9 the prompt counts in `sweep`
+    (each path's best batch). GFLOP/s counts 2·N per prompt token and new token of every row (the old path's work;
+    the shared prefill does less for the same samples)."""
     import copy
     import dataclasses
 
     nets = {}
-    for attn in ("sdpa", "eager"):
+    for attn in ("sdpa", "eager", "grouped"):
         m = copy.deepcopy(model)
-        m.set_attn_implementation(attn)
+        models.set_attention(m, attn, torch.device("cpu"))
         nets[attn] = inference_model(m, amp)
-    reqs = [(None, p) for p in prompts(n_prompts) for _ in range(k)]
     out = []
-    for top_p in (1.0, 0.9):  # training rounds sample at 1.0, the demo's evaluation at 0.9
+    shapes = [(n_prompts, 1.0), (n_prompts, 0.9)] + [(n, 0.9) for n in sweep]
+    for n, top_p in shapes:  # training rounds sample at 0.95 (the demo), its evaluation at 0.9
+        reqs = [(None, p) for p in prompts(n) for _ in range(k)]
         new = SampleSettings(1.0, top_p, new_tokens, new_tokens, len(reqs), 64)
         old = dataclasses.replace(new, top_p_method="sort", share_prefill=False)
         paths = {
             "old": lambda: sample(nets["sdpa"], tok, Template(), reqs, old, seed=0),
-            "new": lambda: sample(nets["eager"], tok, Template(), reqs, new, seed=0),
+            "new_eager": lambda: sample(nets["eager"], tok, Template(), reqs, new, seed=0),
+            "new": lambda: sample(nets["grouped"], tok, Template(), reqs, new, seed=0),
         }
+        ctx = sum(len(Template().input_ids(tok, None, p, 64)) for _, p in reqs)
         times = interleaved(paths, reps)
         for name, ts in times.items():
             dt = min(ts)
@@ -408,6 +419,7 @@ def bench_sampling_paths(model, tok, amp, n_prompts: int, k: int, new_tokens: in
                     "new_tokens": new_tokens,
                     "seconds": round(dt, 2),
                     "tokens_per_s": round(len(reqs) * new_tokens / dt, 1),
+                    "gflops": round(2 * n_params * (ctx + len(reqs) * new_tokens) / dt / 1e9, 1),
                 }
             )
     return out
@@ -552,14 +564,30 @@ def write_paths(res: dict, args, roof: dict) -> int:
         )
     lines += [
         "",
-        "| sampler at the demo's shape (k samples per prompt) | top-p | rows | k | new tokens | tokens/s | vs old |",
-        "|---|---|---|---|---|---|---|",
+        "| sampler (k samples per prompt) | top-p | rows | k | new tokens | tokens/s | vs old, same rows | GFLOP/s "
+        "| of roofline |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    old_rate = {r["top_p"]: r["tokens_per_s"] for r in res["sampling_paths"] if r["path"] == "old"}
-    for r in res["sampling_paths"]:
+    sp = res["sampling_paths"]
+    old_rate = {(r["top_p"], r["rows"]): r["tokens_per_s"] for r in sp if r["path"] == "old"}
+    for r in sp:
         lines.append(
             f"| {r['path']} | {r['top_p']} | {r['rows']} | {r['samples_per_prompt']} | {r['new_tokens']} | "
-            f"{r['tokens_per_s']} | {r['tokens_per_s'] / old_rate[r['top_p']]:.2f}x |"
+            f"{r['tokens_per_s']} | {r['tokens_per_s'] / old_rate[r['top_p'], r['rows']]:.2f}x | {r['gflops']} | "
+            f"{r['gflops'] / R:.0%} |"
+        )
+    best = {}
+    for r in sp:
+        if r["top_p"] == 0.9 and r["tokens_per_s"] > best.get(r["path"], {}).get("tokens_per_s", 0):
+            best[r["path"]] = r
+    lines += [
+        "",
+        "| each path at its best batch (top-p 0.9) | rows | tokens/s | vs old at its best |",
+        "|---|---|---|---|",
+    ]
+    for name, r in best.items():
+        lines.append(
+            f"| {name} | {r['rows']} | {r['tokens_per_s']} | {r['tokens_per_s'] / best['old']['tokens_per_s']:.2f}x |"
         )
     lines += [
         "",
@@ -637,7 +665,9 @@ def main(argv=None) -> int:
     q = args.quick
     res["sampling_sweep"] = bench_sampling(model, tok, amp, [8, 32] if q else [16, 64, 128, 256], 8 if q else 32, n)
     res["lora_paths"] = bench_lora_paths(model, tok, amp, [12] if q else [12, 32], 1 if q else 5, n, 0.5)
-    res["sampling_paths"] = bench_sampling_paths(model, tok, amp, 8 if q else 32, 4, 8 if q else 16, 1 if q else 3)
+    res["sampling_paths"] = bench_sampling_paths(
+        model, tok, amp, 8 if q else 32, 4, 8 if q else 16, 1 if q else 3, n, [16] if q else [64, 128]
+    )
     res["sampler_vs_generate"] = bench_sampler_vs_generate(
         model, tok, amp, 16 if q else 128, 8 if q else 20, 1 if q else 2
     )

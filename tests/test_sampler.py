@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from altlm import models
@@ -135,3 +137,43 @@ def test_shared_prefill_runs_each_prompt_once_and_samples_as_every_row(tiny):
         hook.remove()
     assert out[True] == out[False]
     assert len({c for c in out[True][:4]}) > 1  # the copies of a prompt still draw their own samples
+
+
+def test_grouped_attention_is_eager_attention_bit_for_bit(tiny):
+    """attn_implementation=grouped (auto on CPU for grouped-query Llamas) stacks the query heads of a key/value head
+    instead of copying the head to each (tiny-smollm2: 4 query heads, 2 key/value heads). The logits of a left-padded
+    prefill and the samples of KV-cached decoding equal eager attention's, in fp32 and in bf16, and the grouped
+    function really ran (a counter on the registered function)."""
+    from transformers import AttentionInterface
+
+    model, tok = tiny
+    cpu = torch.device("cpu")
+    calls = []
+    nets = {}
+    for choice in ("eager", "grouped"):
+        m = copy.deepcopy(model)
+        models.set_attention(m, choice, cpu)
+        for dtype in (None, torch.bfloat16):
+            nets[choice, dtype] = inference_model(m, dtype)
+    assert nets["grouped", None].config._attn_implementation == models.GROUPED
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return models.grouped_attention(*args, **kwargs)
+
+    AttentionInterface.register(models.GROUPED, counting)
+    try:
+        prompts = ["The cat", "Once upon a time there was", "I think that"]
+        requests = [(None, p) for p in prompts for _ in range(3)]
+        settings = SampleSettings(max_new_tokens=6, batch_size=9, top_p=0.9)
+        for dtype in (None, torch.bfloat16):
+            batch = tok(prompts, return_tensors="pt", padding=True)
+            real = batch["attention_mask"].bool()
+            with torch.no_grad():
+                logits = {c: nets[c, dtype](**batch).logits[real] for c in ("eager", "grouped")}
+            assert torch.equal(logits["eager"], logits["grouped"])
+            out = {c: sample(nets[c, dtype], tok, Template(), requests, settings, seed=3) for c in ("eager", "grouped")}
+            assert [s.completion for s in out["eager"]] == [s.completion for s in out["grouped"]]
+    finally:
+        AttentionInterface.register(models.GROUPED, models.grouped_attention)
+    assert len(calls) > 2 * 2 * 6  # both dtypes, the prefills and every decoding step, each layer

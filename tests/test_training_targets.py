@@ -175,13 +175,15 @@ def test_a_cache_miss_runs_the_frozen_blocks_below_the_adapter_once(tmp_path, sh
     assert stats["kl"] == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
-def test_attention_key_reaches_the_model_and_eager_trains_as_sdpa(tmp_path):
-    """attn_implementation: auto is eager on CPU; one training step on left-padded rows of unequal lengths records
-    the same loss terms, and moves the adapter alike, under eager and SDPA attention (fp32)."""
+def test_attention_key_reaches_the_model_and_the_kernels_train_alike(tmp_path):
+    """attn_implementation: auto is, on CPU, grouped for a grouped-query Llama (tiny-smollm2: 4 query heads, 2
+    key/value heads). One training step on left-padded rows of unequal lengths records the same loss terms, and moves
+    the adapter alike, under grouped, eager and SDPA attention (fp32). Grouped and eager compute the same dot
+    products, so their loss terms are equal bit for bit; their backward sums the heads of a group in another order."""
     runs = {}
-    for choice in ("auto", "sdpa"):
+    for choice in ("auto", "eager", "sdpa"):
         t = trainer(tmp_path / choice, "training_mode=lora", f"attn_implementation={choice}")
-        want = "eager" if choice == "auto" else "sdpa"
+        want = models.GROUPED if choice == "auto" else choice
         assert t.model.get_base_model().config._attn_implementation == want
         fill_pool(t)
         perturb_adapter(t)
@@ -190,11 +192,13 @@ def test_attention_key_reaches_the_model_and_eager_trains_as_sdpa(tmp_path):
         t.pool.close()
         step = {n: p.detach() - before[n] for n, p in t.model.named_parameters() if p.requires_grad}
         runs[choice] = (stats, torch.cat([d.flatten() for d in step.values()]))
-    (a, step_a), (b, step_b) = runs["auto"], runs["sdpa"]
+    (g, step_g), (e, step_e), (s, step_s) = runs["auto"], runs["eager"], runs["sdpa"]
     for k in ("loss", "nll", "kl"):
-        assert a[k] == pytest.approx(b[k], rel=1e-5), k
+        assert g[k] == e[k], k
+        assert e[k] == pytest.approx(s[k], rel=1e-5), k
     # AdamW's first step is about lr·sign(gradient): entries whose gradient is ~0 may flip, the step as a whole not
-    assert (step_a - step_b).norm() < 1e-2 * step_b.norm()
+    assert (step_g - step_e).norm() < 1e-2 * step_e.norm()
+    assert (step_e - step_s).norm() < 1e-2 * step_s.norm()
 
 
 # ---------------------------------------------------------------- generate / eval load the trained weights

@@ -314,11 +314,50 @@ def autocast_dtype(precision: str, device: torch.device):
     return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else None
 
 
+GROUPED = "altlm_grouped"  # the attn_implementation name grouped_attention is registered under
+GROUPED_MODEL_TYPES = ("llama",)  # where `auto` picks it: SmolLM2's family, checked bit for bit against eager
+
+
+def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' eager attention for grouped-query models, without `repeat_kv`. Eager copies every key/value
+    head to each of its query heads, so a decoding step copied the whole KV cache g times per layer (12% of a
+    256-row decoding run in copies). Here the g query heads of a key/value head are stacked as rows of one matmul
+    against that head's keys: the same dot products, bit for bit (tests/test_sampler.py), 1.08-1.13x faster decoding
+    (benchmarks/results/throughput_paths.md). query [b, h, t, d]; key, value [b, h_kv, L, d]; mask [b, 1, t, L]."""
+    b, h, t, d = query.shape
+    h_kv = key.shape[1]
+    g = h // h_kv  # repeat_kv's order: query head i reads key/value head i // g
+    scores = torch.matmul(query.reshape(b, h_kv, g * t, d), key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = (scores.view(b, h_kv, g, t, -1) + attention_mask[:, :, None]).view(b, h_kv, g * t, -1)
+    weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).view(b, h, t, d).transpose(1, 2).contiguous()
+    return out, weights.view(b, h, t, -1)
+
+
+def _register_grouped() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(GROUPED, grouped_attention)
+    AttentionMaskInterface.register(GROUPED, eager_mask)  # the additive float mask eager attention reads
+
+
 def set_attention(model, choice: str, device: torch.device) -> None:
-    """config.attn_implementation: auto is eager on CPU (short sequences: its backward beats SDPA's flash kernel),
-    the model's own default elsewhere."""
+    """config.attn_implementation: auto is, on CPU, `grouped` for the model types in GROUPED_MODEL_TYPES whose
+    key/value heads are fewer than their query heads, eager for the rest (short sequences: eager's backward beats
+    SDPA's flash kernel); the model's own default (SDPA) on accelerators."""
     if choice == "auto":
-        choice = "eager" if device.type == "cpu" else None
+        choice = None
+        if device.type == "cpu":
+            cfg = model.config
+            heads = getattr(cfg, "num_attention_heads", 0)
+            grouped = getattr(cfg, "num_key_value_heads", heads) < heads
+            choice = "grouped" if grouped and cfg.model_type in GROUPED_MODEL_TYPES else "eager"
+    if choice == "grouped":
+        _register_grouped()
+        choice = GROUPED
     if choice is not None:
         model.set_attn_implementation(choice)
 
