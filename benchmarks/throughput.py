@@ -384,7 +384,7 @@ def bench_sampling_paths(
     draw them, a fixed number of new tokens (min = max). old = top-p by sort, every row runs its prompt's forward,
     SDPA attention; new_eager = top-p by rejection, one prefill per distinct prompt (share_prefill), eager
     attention; new = the same with grouped attention (attn_implementation=auto on CPU). Side by side, interleaved,
-    the best of `reps`: n_prompts prompts at top-p 1.0 and 0.9, then at top-p 0.9 the prompt counts in `sweep`
+    the best of `reps`: n_prompts prompts at top-p 1.0, 0.95 and 0.9, then at top-p 0.9 the prompt counts in `sweep`
     (each path's best batch). GFLOP/s counts 2·N per prompt token and new token of every row (the old path's work;
     the shared prefill does less for the same samples)."""
     import copy
@@ -396,8 +396,8 @@ def bench_sampling_paths(
         models.set_attention(m, attn, torch.device("cpu"))
         nets[attn] = inference_model(m, amp)
     out = []
-    shapes = [(n_prompts, 1.0), (n_prompts, 0.9)] + [(n, 0.9) for n in sweep]
-    for n, top_p in shapes:  # training rounds sample at 0.95 (the demo), its evaluation at 0.9
+    shapes = [(n_prompts, 1.0), (n_prompts, 0.95), (n_prompts, 0.9)] + [(n, 0.9) for n in sweep]
+    for n, top_p in shapes:  # the demo's training rounds sample at 0.95, its evaluation at 0.9
         reqs = [(None, p) for p in prompts(n) for _ in range(k)]
         new = SampleSettings(1.0, top_p, new_tokens, new_tokens, len(reqs), 64)
         old = dataclasses.replace(new, top_p_method="sort", share_prefill=False)

@@ -77,7 +77,7 @@ class ALTConfig:
         "Attention kernel for training, sampling and evaluation: auto (on CPU grouped for Llama-type models with "
         "grouped-query attention, eager for others; the model's default, SDPA, on accelerators), grouped, eager or "
         "sdpa. grouped is eager attention without copying each key/value head to its query heads: bit-identical to "
-        "eager, decoding 1.08-1.13x faster. On CPU at this project's lengths (< 100 tokens) eager attention's "
+        "eager, decoding 1.06-1.15x faster. On CPU at this project's lengths (< 100 tokens) eager attention's "
         "backward is cheaper than SDPA's flash kernel: a LoRA step 1.15-1.23x faster, sampling alike "
         "(benchmarks/results/throughput_paths.md). The same seed gives other samples under eager and SDPA (bf16 "
         "rounding).",
