@@ -318,17 +318,20 @@ GROUPED = "altlm_grouped"  # the attn_implementation name grouped_attention is r
 GROUPED_MODEL_TYPES = ("llama",)  # where `auto` picks it: SmolLM2's family, checked bit for bit against eager
 
 
-def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
     """transformers' eager attention for grouped-query models, without `repeat_kv`. Eager copies every key/value
     head to each of its query heads, so a decoding step copied the whole KV cache g times per layer (copies took
     12% of a 256-row decoding run under eager, 4% here: torch profiler, SmolLM2-135M, bf16). Here the g query heads
     of a key/value head are stacked as rows of one matmul against that head's keys: the same dot products, bit for
     bit (tests/test_sampler.py); decoding 1.06-1.15x faster, a cached LoRA step 1.00-1.10x
-    (benchmarks/results/throughput_paths.md). query [b, h, t, d]; key, value [b, h_kv, L, d]; mask [b, 1, t, L]."""
+    (benchmarks/results/throughput_paths.md). query [b, h, t, d]; key, value [b, h_kv, L, d]; mask [b, 1, t, L].
+    `softcap` as in Gemma-2's eager attention; attention sinks (gpt-oss) are not supported."""
     b, h, t, d = query.shape
     h_kv = key.shape[1]
     g = h // h_kv  # repeat_kv's order: query head i reads key/value head i // g
     scores = torch.matmul(query.reshape(b, h_kv, g * t, d), key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = (scores.view(b, h_kv, g, t, -1) + attention_mask[:, :, None]).view(b, h_kv, g * t, -1)
     weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
