@@ -30,7 +30,15 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 sys.path.insert(0, str(ROOT))  # common.py, beside this script
 
 from altlm import models, refcache  # noqa: E402
-from altlm.loss import alt_loss, layer_input, tail_target_logits, target_hidden, target_logits  # noqa: E402
+from altlm.loss import (  # noqa: E402
+    alt_loss,
+    head_logits,
+    head_loss,
+    layer_input,
+    tail_target_hidden,
+    target_hidden,
+    target_logits,
+)
 from altlm.pool import Pool, Row  # noqa: E402
 from altlm.sampler import SampleSettings, inference_model, sample  # noqa: E402
 from altlm.template import Template  # noqa: E402
@@ -251,6 +259,10 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
                 if hasattr(layer, "cast_input_dtype_enabled"):
                     layer.cast_input_dtype_enabled = True
         nets[attn] = (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5))
+    head_weights = {}  # each net's frozen head: in the matmul's dtype (as the trainer keeps it) and as stored
+    for m, _ in nets.values():
+        head = m.get_output_embeddings().weight.detach()
+        head_weights[m] = (head.to(amp) if amp is not None else head, head)
     rows = []
     for b in batches:
         inputs, ref_inputs, targets = demo_batch(tok, b)
@@ -258,10 +270,10 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
         def reference_stats(m, ref_in, record=None):
             with torch.no_grad(), m.disable_adapter(), autocast():
                 if record:
-                    logits = tail_target_logits(m, record, shared, list(range(b)), targets, tok.pad_token_id)
+                    hidden = tail_target_hidden(m, record, shared, list(range(b)), targets, tok.pad_token_id)
                 else:
-                    logits = target_hidden(m, ref_in, targets, tok.pad_token_id)[1]
-            return refcache.statistics(logits, m.get_output_embeddings().weight, v)
+                    hidden = target_hidden(m, ref_in, targets, tok.pad_token_id)[0]
+            return refcache.statistics(hidden, head_weights[m][0], head_weights[m][1], v)
 
         cached = {attn: reference_stats(m, ref_inputs) for attn, (m, _) in nets.items() if attn != "old"}
 
@@ -276,7 +288,7 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        def new_step(attn, hit, reference="prompt"):
+        def new_step(attn, hit, reference="prompt", fused=False):
             m, opt = nets[attn]
             if hit:
                 stats = cached[attn]
@@ -284,10 +296,15 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
                 stats = reference_stats(m, ref_inputs if reference == "prompt" else inputs)
             record_input = layer_input(m, shared) if reference == "shared" else contextlib.nullcontext({})
             with autocast(), record_input as record:
-                hidden, logits, tgt = target_hidden(m, inputs, targets, tok.pad_token_id)
+                hidden, tgt = target_hidden(m, inputs, targets, tok.pad_token_id)
             if reference == "shared":
                 stats = reference_stats(m, None, record)
-            loss, _ = alt_loss(logits, tgt, None, None, kl, entropy, vocab_size=v, ref_stats=(hidden, *stats))
+            if fused:
+                loss, _ = head_loss(hidden, head_weights[m][0], tgt, kl, entropy, vocab_size=v, ref_stats=stats)
+            else:
+                with autocast():
+                    logits = head_logits(m, hidden)
+                loss, _ = alt_loss(logits, tgt, None, None, kl, entropy, vocab_size=v, ref_stats=(hidden, *stats))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -302,6 +319,8 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             "new_miss_shared_eager": lambda: new_step("eager", False, "shared"),
             "new_hit_grouped": lambda: new_step("grouped", True),
             "new_miss_shared_grouped": lambda: new_step("grouped", False, "shared"),
+            "new_hit_fused": lambda: new_step("grouped", True, fused=True),
+            "new_miss_shared_fused": lambda: new_step("grouped", False, "shared", fused=True),
         }
         times = interleaved(paths, steps)
         toks = sum(len(i) + len(t) for i, t in zip(inputs, targets))

@@ -9,9 +9,11 @@ import torch
 from test_resume import CRASH, altlm
 from test_train_smoke import jsonl
 
+import pytest
+
 from altlm import models
-from altlm.loss import alt_loss, target_hidden, target_logits
-from altlm.refcache import ReferenceCache, key
+from altlm.loss import alt_loss, head_logits, head_loss, target_hidden, target_logits
+from altlm.refcache import ReferenceCache, key, statistics
 
 LORA = dict(
     r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], layers=0.5, train_new_tokens=False
@@ -34,7 +36,11 @@ def batch(tok, n=5):
     return inputs, targets
 
 
-def test_cached_kl_equals_the_full_distribution_kl_with_the_same_gradients(tiny):
+@pytest.mark.parametrize("fused", [False, True])
+def test_cached_kl_equals_the_full_distribution_kl_with_the_same_gradients(tiny, fused):
+    """The issue's exactness check, in fp32: the new path (cached reference statistics; fused: the head inside the
+    loss, loss.head_loss) against the old (the reference's logits at every step): loss terms within 1e-3 relative,
+    LoRA gradients within 1e-2 relative L2."""
     model, tok = lora_tiny(tiny), tiny[1]
     inputs, targets = batch(tok)
     v = len(tok)
@@ -48,17 +54,19 @@ def test_cached_kl_equals_the_full_distribution_kl_with_the_same_gradients(tiny)
     model.zero_grad(set_to_none=True)
     assert old["kl"] > 1e-4  # the policy is not the reference: the comparison means something
     # the new path: Wᵀq and Σ q log q per token, then the policy's hidden states
+    head = model.get_output_embeddings().weight.detach()
     with torch.no_grad(), model.disable_adapter():
-        r_logits = target_hidden(model, inputs, targets, tok.pad_token_id)[1]
-    log_q = torch.log_softmax(r_logits.float()[:, :v], -1)
-    q = log_q.exp()
-    mean_embedding = q @ model.get_output_embeddings().weight[:v].float()
-    negentropy = (q * log_q).sum(-1)
-    hidden, logits2, tgt2 = target_hidden(model, inputs, targets, tok.pad_token_id)
+        r_hidden = target_hidden(model, inputs, targets, tok.pad_token_id)[0]
+    mean_embedding, negentropy = statistics(r_hidden, head, head, v, chunk_rows=3)
+    hidden, tgt2 = target_hidden(model, inputs, targets, tok.pad_token_id)
     assert torch.equal(tgt[mask], tgt2)  # packed: the completion positions, row by row
-    new_loss, new = alt_loss(
-        logits2, tgt2, None, None, 0.05, 0.06, vocab_size=v, ref_stats=(hidden, mean_embedding, negentropy)
-    )
+    if fused:  # chunks of 4 rows: the batch's 20 targets take several
+        new_loss, new = head_loss(hidden, head, tgt2, 0.05, 0.06, v, None, (mean_embedding, negentropy), chunk_rows=4)
+    else:
+        ref_stats = (hidden, mean_embedding, negentropy)
+        new_loss, new = alt_loss(
+            head_logits(model, hidden), tgt2, None, None, 0.05, 0.06, vocab_size=v, ref_stats=ref_stats
+        )
     new_loss.backward()
     for k in ("nll", "kl", "entropy"):
         assert abs(new[k] - old[k]) <= 1e-3 * abs(old[k]), (k, new[k], old[k])
@@ -67,6 +75,49 @@ def test_cached_kl_equals_the_full_distribution_kl_with_the_same_gradients(tiny)
         if p.requires_grad:
             rel = (p.grad - old_grads[n]).norm() / old_grads[n].norm().clamp(min=1e-12)
             assert rel < 1e-2, (n, float(rel))
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.06])
+def test_the_fused_head_loss_is_the_unfused_one_under_bf16_autocast(tiny, entropy_coef):
+    """fused_loss under the CPU default (bf16 autocast), with words added past the tokenizer's vocabulary (Quark's,
+    a separator): at the demo's α = 0 the LoRA gradients are bit-identical to head_logits + alt_loss (the same
+    values in the same order, in chunks of 3 rows); with the entropy bonus its gradient is summed in another order,
+    and bf16's rounding of the backward is within 1e-2 relative L2."""
+    model, tok = lora_tiny(tiny), tiny[1]
+    inputs, targets = batch(tok, n=6)
+    v = len(tok) - 5  # the head's last 5 rows act as added words: the NLL normalises over them, the KL does not
+    head = model.get_output_embeddings().weight.detach()
+    low = head.to(torch.bfloat16)
+    results = {}
+    for fused in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad(), model.disable_adapter():
+                r_hidden = target_hidden(model, inputs, targets, tok.pad_token_id)[0]
+            ref = statistics(r_hidden, low, head, v, chunk_rows=3)
+            hidden, tgt = target_hidden(model, inputs, targets, tok.pad_token_id)
+            if not fused:
+                logits = head_logits(model, hidden)
+        if fused:
+            loss, stats = head_loss(hidden, low, tgt, 0.1, entropy_coef, v, 7.0, ref, chunk_rows=3)
+        else:
+            loss, stats = alt_loss(
+                logits, tgt, None, None, 0.1, entropy_coef, vocab_size=v, denominator=7.0, ref_stats=(hidden, *ref)
+            )
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        results[fused] = (loss.item(), stats, grads)
+    (old_loss, old, old_grads), (new_loss, new, new_grads) = results[False], results[True]
+    assert new["tokens"] == old["tokens"] > 3 * 3  # several chunks
+    assert old["kl"] > 1e-4
+    assert new_loss == pytest.approx(old_loss, rel=1e-6)
+    for k in ("nll", "kl", "entropy"):
+        assert new[k] == pytest.approx(old[k], rel=1e-5), k
+    for n, g in old_grads.items():
+        if entropy_coef == 0.0:
+            assert torch.equal(new_grads[n], g), n
+        else:
+            assert (new_grads[n] - g).norm() <= 1e-2 * g.norm(), n
 
 
 def test_cache_files_reload_up_to_the_resume_point_and_drop_later_ones(tmp_path):

@@ -396,6 +396,12 @@ class ALTConfig:
         "first draw starts the reference forward from the policy's activations at the lowest adapted block (the "
         "blocks below it compute the same on the same input) instead of running them twice. Off: a whole forward.",
     )
+    fused_loss: bool = _f(
+        True,
+        "With the reference cache: run the LM head inside the loss, a chunk of tokens at a time, computing the "
+        "hidden states' gradient on the way (loss.head_loss): the same loss and gradients without the [tokens × "
+        "vocabulary] logits and their autograd tensors. Off: the head's whole logits, then alt_loss.",
+    )
     # --- sampling (training rounds) ---
     temperature: float = _f(1.0, "Sampling temperature for training rounds.")
     top_p: float = _f(1.0, "Nucleus top-p for training rounds.")

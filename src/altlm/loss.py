@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from .template import left_pad
 
@@ -33,21 +34,24 @@ def _causal_lm(model):
 
 
 def target_hidden(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int):
-    """(final hidden states [N, D] before the LM head, logits [N, V], target ids [N]) at the N completion positions
-    of `inputs + targets`, row by row: packed, with no padding. The reference cache's KL needs the hidden states.
-    `model` is a causal LM or a peft model of one; its body (`base_model`, e.g. LlamaModel) runs with the adapters
-    as they are, then the head on the completion positions only. The head and the loss see no padded position:
-    no [B, M, V] tensor for the masked indexing to scatter its gradient back into."""
+    """(final hidden states [N, D] before the LM head, target ids [N]) at the N completion positions of
+    `inputs + targets`, row by row: packed, with no padding. `model` is a causal LM or a peft model of one; its body
+    (`base_model`, e.g. LlamaModel) runs with the adapters as they are. The head is the caller's: `head_loss` runs
+    it chunk by chunk inside the loss, `head_logits` whole. The head and the loss see no padded position: no
+    [B, M, V] tensor for the masked indexing to scatter its gradient back into."""
     seqs = [i + t for i, t in zip(inputs, targets)]
     ids, attn, pos = left_pad(seqs, pad_id)
     dev = next(model.parameters()).device
     ids, attn, pos = ids.to(dev), attn.to(dev), pos.to(dev)
     m = max(len(t) for t in targets)
-    causal_lm = _causal_lm(model)
-    out = causal_lm.base_model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+    out = _causal_lm(model).base_model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
     tgt, mask = _pad_targets(targets, m, pad_id, ids.device)
-    hidden = out.last_hidden_state[:, -(m + 1) : -1][mask]
-    return hidden, causal_lm.get_output_embeddings()(hidden), tgt[mask]
+    return out.last_hidden_state[:, -(m + 1) : -1][mask], tgt[mask]
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on packed hidden states [N, D]: logits [N, V] (the unfused path, fused_loss=false)."""
+    return _causal_lm(model).get_output_embeddings()(hidden)
 
 
 @contextlib.contextmanager
@@ -67,10 +71,10 @@ def layer_input(model, index: int):
         handle.remove()
 
 
-def tail_target_logits(model, record: dict, index: int, rows: list[int], targets: list[list[int]], pad_id: int):
-    """Logits [N, V] at the completion positions of the batch rows `rows`, from the input `layer_input` recorded at
-    layer `index` of target_hidden's forward over the whole batch (`targets`: all its rows): layers index.. , the
-    final norm and the head run again on those rows alone, as the model is now (e.g. with its adapter disabled)."""
+def tail_target_hidden(model, record: dict, index: int, rows: list[int], targets: list[list[int]], pad_id: int):
+    """Final hidden states [N, D] at the completion positions of the batch rows `rows`, from the input `layer_input`
+    recorded at layer `index` of target_hidden's forward over the whole batch (`targets`: all its rows): layers
+    index.. and the final norm run again on those rows alone, as the model is now (e.g. with its adapter disabled)."""
     batch = record["hidden"].shape[0]
     keep = torch.tensor(rows, device=record["hidden"].device)
 
@@ -83,14 +87,13 @@ def tail_target_logits(model, record: dict, index: int, rows: list[int], targets
 
     kwargs = {k: pick(v) for k, v in record["kwargs"].items()}
     hidden = record["hidden"].detach()[keep]
-    causal_lm = _causal_lm(model)
-    body = causal_lm.base_model
+    body = _causal_lm(model).base_model
     for layer in body.layers[index : body.config.num_hidden_layers]:
         hidden = layer(hidden, **kwargs)
     hidden = body.norm(hidden)
     m = max(len(t) for t in targets)  # the whole batch's: left padding right-aligned every row to it
     mask = _pad_targets([targets[i] for i in rows], m, pad_id, hidden.device)[1]
-    return causal_lm.get_output_embeddings()(hidden[:, -(m + 1) : -1][mask])
+    return hidden[:, -(m + 1) : -1][mask]
 
 
 def target_logits(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int):
@@ -176,3 +179,97 @@ def alt_loss(
         loss_tok = loss_tok + kl_coef * kl
     stats = {"nll": nll.mean().item(), "kl": kl.mean().item(), "entropy": entropy.mean().item(), "tokens": n}
     return (loss_tok.mean() if denominator is None else loss_tok.sum() / denominator), stats
+
+
+HEAD_CHUNK_ROWS = 64  # rows of the head's logits in flight: 64 × 49k words × 4 bytes = 12.6 MB, fits the L3 cache
+
+
+def head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    kl_coef: float,
+    entropy_coef: float,
+    vocab_size: int | None = None,
+    denominator: float | None = None,
+    ref_stats: tuple | None = None,
+    chunk_rows: int = HEAD_CHUNK_ROWS,
+):
+    """alt_loss of the packed hidden states [N, D] under a frozen LM head `weight` [V, D], with the head inside the
+    loss (fused_loss): the same loss, stats and gradients as head_logits + alt_loss(..., ref_stats=(hidden, *ref_stats)),
+    without the [N, V] logits. `weight` is the head in the dtype its matmul runs in (under autocast, the compute
+    dtype: the matmuls are then autocast's own). ref_stats: (ref_mean_embedding [N, D], ref_negentropy [N]) or None
+    (no KL). Returns (loss, stats) as alt_loss does.
+
+    Why: the unfused loss keeps [N, V] fp32 tensors for autograd (logits, log-probabilities, their gradients, the
+    zeros that indexing scatters into); fresh 40 MB tensors page-fault on every step. Here the rows go through in
+    chunks of `chunk_rows`, and each chunk's gradient w.r.t. its hidden states is computed at once (the head is
+    frozen, so nothing else needs the logits): the backward only scales the stored gradient."""
+    n = hidden.shape[0]
+    if n == 0:
+        zero = hidden.sum() * 0.0
+        return zero, {"nll": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0}
+    mean_embedding, negentropy = ref_stats if ref_stats is not None and kl_coef != 0.0 else (None, None)
+    scale = 1.0 / (n if denominator is None else denominator)
+    loss, sums = _HeadLoss.apply(
+        hidden, weight, targets, mean_embedding, negentropy, kl_coef, entropy_coef, vocab_size, scale, chunk_rows
+    )
+    stats = {"nll": sums[0].item() / n, "kl": sums[1].item() / n, "entropy": sums[2].item() / n, "tokens": n}
+    return loss, stats
+
+
+class _HeadLoss(torch.autograd.Function):
+    """head_loss's forward and backward: loss_t = nll_t − α·H_t + β·KL_t over the rows t, in fp32 from the head's
+    logits, as alt_loss computes them. With p the softmax of the first v logits z and lse their logsumexp:
+      ∂nll/∂z = softmax over all V logits − onehot(target);  ∂KL/∂z = p (KL = Σ q log q − h·(Wᵀq) + lse, and
+      ∂KL/∂h = −Wᵀq besides);  ∂(−H)/∂z = p ⊙ (log p + H).
+    The hidden states' gradient is (Σ ∂/∂z) W, in the head's dtype as autograd's matmul backward would run it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, mean_embedding, negentropy, kl_coef, entropy_coef, vocab, scale, chunk):
+        grad = torch.empty_like(hidden)
+        sums = torch.zeros(4, dtype=torch.float64, device=hidden.device)  # loss, nll, kl, entropy (token sums)
+        with torch.autocast(hidden.device.type, enabled=False):  # `weight` is already in the matmuls' dtype
+            for start in range(0, hidden.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                h, t = hidden[rows], targets[rows]
+                z = F.linear(h.to(weight.dtype), weight).float()  # [c, V]
+                v = vocab or z.shape[-1]
+                logp = torch.log_softmax(z[:, :v], -1)
+                p = logp.exp()
+                entropy = -torch.linalg.vecdot(p, logp)  # (no [c, V] temporary)
+                lse = z[:, 0] - logp[:, 0]  # logsumexp of the first v logits, without another pass
+                picked = z.gather(-1, t[:, None])[:, 0]
+                lse_all = lse if v == z.shape[-1] else torch.logaddexp(lse, torch.logsumexp(z[:, v:], -1))
+                nll = lse_all - picked
+                loss_tok = nll - entropy_coef * entropy
+                factor = torch.exp(lse - lse_all)  # the first v words' share of the NLL's softmax (1 when V = v)
+                kl = torch.zeros_like(nll)
+                if mean_embedding is not None:
+                    kl = negentropy[rows] - (h.float() * mean_embedding[rows]).sum(-1) + lse
+                    loss_tok = loss_tok + kl_coef * kl
+                    factor = factor + kl_coef
+                g = torch.empty_like(z)
+                if entropy_coef != 0.0:
+                    torch.mul(p, factor[:, None] + entropy_coef * (logp + entropy[:, None]), out=g[:, :v])
+                else:
+                    torch.mul(p, factor[:, None], out=g[:, :v])
+                if v < z.shape[-1]:  # the added tokens: the NLL's softmax only
+                    g[:, v:] = torch.exp(z[:, v:] - lse_all[:, None])
+                g.scatter_add_(1, t[:, None], torch.full_like(picked[:, None], -1.0))
+                g.mul_(scale)  # (then cast: autograd's order, which keeps the gradients bit-identical at α = 0)
+                gh = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                if mean_embedding is not None:
+                    gh = gh - (kl_coef * scale) * mean_embedding[rows]
+                grad[rows] = gh
+                for i, value in enumerate((loss_tok, nll, kl, entropy)):
+                    sums[i] += value.sum().double()
+        ctx.save_for_backward(grad)
+        stats = sums[1:].clone()
+        ctx.mark_non_differentiable(stats)
+        return (sums[0] * scale).float(), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None, None, None, None, None, None, None

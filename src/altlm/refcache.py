@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 FOLDER = "refcache"
 _NAME = re.compile(r"it(\d+)-step(\d+)\.safetensors")
@@ -36,12 +37,22 @@ def key(row_id: int, feedback: str | None = None, conditioned: bool = False) -> 
     return f"{row_id}-{hashlib.sha1((feedback or '').encode()).hexdigest()[:16]}"
 
 
-def statistics(logits: torch.Tensor, head: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the KL needs of the reference's logits [N, V] at N tokens: Wᵀq [N, D] and Σ q log q [N], in fp32 (the
-    KL subtracts terms of tens to get values near 0.1), over the tokenizer's vocabulary (`head`: W, [V, D])."""
-    log_q = torch.log_softmax(logits.float()[:, :vocab_size], -1)
-    q = log_q.exp()
-    return q @ head[:vocab_size].float(), (q * log_q).sum(-1)
+@torch.no_grad()
+def statistics(
+    hidden: torch.Tensor, weight: torch.Tensor, head: torch.Tensor, vocab_size: int, chunk_rows: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the KL needs of the reference's distribution q at N tokens, from its final hidden states [N, D]: Wᵀq
+    [N, D] and Σ q log q [N], in fp32 (the KL subtracts terms of tens to get values near 0.1), over the tokenizer's
+    vocabulary. `weight`: the head in its matmul's dtype (the logits are the policy's, loss.head_loss); `head`: W
+    [V, D] as stored (fp32), for Wᵀq. Chunks of `chunk_rows` rows: no [N, V] tensor."""
+    mean_embedding, negentropy = [], []
+    with torch.autocast(hidden.device.type, enabled=False):
+        for h in hidden.split(chunk_rows):
+            log_q = torch.log_softmax(F.linear(h.to(weight.dtype), weight).float()[:, :vocab_size], -1)
+            q = log_q.exp()
+            mean_embedding.append(q @ head[:vocab_size].float())
+            negentropy.append((q * log_q).sum(-1))
+    return torch.cat(mean_embedding), torch.cat(negentropy)
 
 
 class ReferenceCache:

@@ -31,7 +31,7 @@ from .distributed import Processes
 from .errors import AltlmError
 from .feedback import Feedback, build_feedback
 from .feedback.noise import labelled_indices, noise_categories, noise_offset, noise_sentences
-from .loss import alt_loss, layer_input, tail_target_logits, target_hidden, target_logits
+from .loss import alt_loss, head_logits, head_loss, layer_input, tail_target_hidden, target_hidden, target_logits
 from .pool import Pool, Row
 from .refcache import ReferenceCache
 from .report import open_trackers, write_report
@@ -108,6 +108,12 @@ class ALTTrainer:
         # The training forward goes through DDP, or FSDP's shards; sampling, evaluation and saving get whole weights (procs.full).
         self.ddp = self.procs.wrap(self.model)
         self.refcache = self.open_reference_cache()
+        # The frozen head in its matmul's dtype, once (autocast would cast it at every forward): the reference cache's
+        # statistics and the fused loss run the head themselves.
+        self.head_weight = None
+        if self.refcache is not None:
+            head = self.model.get_output_embeddings().weight.detach()
+            self.head_weight = head.to(self.amp) if self.amp is not None else head
         self.shared_layers = self.frozen_layers_below_adapter()
         self.vllm = VLLMSampler.for_run(cfg, self.run, self.procs.world)  # None unless sampler=vllm
         self.fluency = None
@@ -679,32 +685,37 @@ class ALTTrainer:
         inputs = [self.policy_input(r) for r in batch]
         targets = [self.template.target_ids(tok, r.completion, bool(r.truncated)) for r in batch]
         autocast = torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
-        ref_logits = ref_stats = None
         if self.refcache is not None:
             shared = self.shared_layers  # 0: nothing to record, the reference forward runs whole
             record_input = layer_input(self.model, shared) if shared else contextlib.nullcontext({})
             with autocast, record_input as record:
-                hidden, logits, tgt = target_hidden(self.ddp, inputs, targets, tok.pad_token_id)
+                hidden, tgt = target_hidden(self.ddp, inputs, targets, tok.pad_token_id)
             self.fill_reference_cache(batch, targets, record)
-            mask = None  # packed: completion positions only
-            ref_stats = (hidden, *self.refcache.gather(self.reference_keys(batch), hidden.device))
+            ref = self.refcache.gather(self.reference_keys(batch), hidden.device)
+            coefs = (cfg.kl_coef, cfg.entropy_coef)
+            if cfg.fused_loss:
+                loss, stats = head_loss(hidden, self.head_weight, tgt, *coefs, self.vocab_size, denom, ref)
+            else:
+                with autocast:
+                    logits = head_logits(self.ddp, hidden)
+                stats_in = (hidden, *ref)
+                loss, stats = alt_loss(logits, tgt, None, None, *coefs, "ref_policy", self.vocab_size, denom, stats_in)
         else:
             with autocast:
                 logits, tgt, mask = target_logits(self.ddp, inputs, targets, tok.pad_token_id)
                 ref_in = [self.reference_input(r) for r in batch]
                 ref_logits = self.reference_logits(ref_in, targets) if cfg.kl_coef else None
-        loss, stats = alt_loss(
-            logits,
-            tgt,
-            mask,
-            ref_logits,
-            cfg.kl_coef,
-            cfg.entropy_coef,
-            cfg.kl_direction,
-            self.vocab_size,
-            denom,
-            ref_stats=ref_stats,
-        )
+            loss, stats = alt_loss(
+                logits,
+                tgt,
+                mask,
+                ref_logits,
+                cfg.kl_coef,
+                cfg.entropy_coef,
+                cfg.kl_direction,
+                self.vocab_size,
+                denom,
+            )
         (loss * weight).backward()  # even when non-finite: under DDP every process must reach the all-reduce
         n = stats["tokens"] * weight
         for i, v in enumerate(
@@ -771,12 +782,15 @@ class ALTTrainer:
             torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
         ):
             if record:
-                logits = tail_target_logits(model, record, self.shared_layers, missing, targets, tok.pad_token_id)
+                hidden = tail_target_hidden(model, record, self.shared_layers, missing, targets, tok.pad_token_id)
             else:
                 ref_in = [self.reference_input(rows[i]) for i in missing]
-                logits = target_hidden(model, ref_in, ref_targets, tok.pad_token_id)[1]
+                hidden = target_hidden(model, ref_in, ref_targets, tok.pad_token_id)[0]
+        weight = self.head_weight  # the reference's head: the policy's frozen one, or a separate reference's
+        if self.ref_model is not None:
+            weight = self.ref_model.get_output_embeddings().weight.to(self.head_weight.dtype)
         head = self.model.get_output_embeddings().weight
-        mean_embedding, negentropy = refcache.statistics(logits, head, self.vocab_size)
+        mean_embedding, negentropy = refcache.statistics(hidden, weight, head, self.vocab_size)
         start = 0
         for i, t in zip(missing, ref_targets):
             end = start + len(t)
