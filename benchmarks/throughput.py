@@ -32,11 +32,13 @@ sys.path.insert(0, str(ROOT))  # common.py, beside this script
 from altlm import models, refcache  # noqa: E402
 from altlm.loss import (  # noqa: E402
     alt_loss,
+    block_inputs,
     head_logits,
     head_loss,
     layer_input,
     tail_target_hidden,
     target_hidden,
+    target_hidden_from,
     target_logits,
 )
 from altlm.pool import Pool, Row  # noqa: E402
@@ -230,7 +232,10 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
     on CPU). The demo's reference reads the tag (reference_input: conditioned): `new_miss_conditioned_eager` is its
     first draw with a whole reference forward, `new_miss_shared_eager` with the forward starting at the lowest
     adapted block from the policy's activations (share_frozen_layers). `_grouped`: the same with grouped attention
-    (eager without repeat_kv's copies; attn_implementation=auto on CPU for SmolLM2)."""
+    (eager without repeat_kv's copies; attn_implementation=auto on CPU for SmolLM2). `_fused`: grouped, and the head
+    inside the loss (fused_loss, loss.head_loss). `_blocks` (the default): fused, and the rows' inputs to the lowest
+    adapted block cached (cache_frozen_layers): a cached row runs the adapted blocks only; its first draw runs the
+    frozen blocks once, without gradient, and the reference from their output."""
     import copy
 
     lora = dict(
@@ -276,6 +281,8 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             return refcache.statistics(hidden, head_weights[m][0], head_weights[m][1], v)
 
         cached = {attn: reference_stats(m, ref_inputs) for attn, (m, _) in nets.items() if attn != "old"}
+        with autocast():
+            cached_acts = block_inputs(nets["grouped"][0], inputs, targets, tok.pad_token_id, shared)
 
         def old_step():
             m, opt = nets["old"]
@@ -288,16 +295,26 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        def new_step(attn, hit, reference="prompt", fused=False):
+        def new_step(attn, hit, reference="prompt", fused=False, blocks=False):
             m, opt = nets[attn]
             if hit:
                 stats = cached[attn]
             elif reference != "shared":
                 stats = reference_stats(m, ref_inputs if reference == "prompt" else inputs)
-            record_input = layer_input(m, shared) if reference == "shared" else contextlib.nullcontext({})
+            record_input = (
+                layer_input(m, shared) if reference == "shared" and not blocks else contextlib.nullcontext({})
+            )
             with autocast(), record_input as record:
-                hidden, tgt = target_hidden(m, inputs, targets, tok.pad_token_id)
-            if reference == "shared":
+                if blocks:  # cache_frozen_layers: the frozen blocks' output, stored (hit) or computed now (first draw)
+                    acts = cached_acts if hit else block_inputs(m, inputs, targets, tok.pad_token_id, shared)
+                    hidden, tgt = target_hidden_from(m, acts, inputs, targets, tok.pad_token_id, shared)
+                else:
+                    hidden, tgt = target_hidden(m, inputs, targets, tok.pad_token_id)
+            if reference == "shared" and blocks:
+                with torch.no_grad(), m.disable_adapter(), autocast():
+                    ref_hidden = target_hidden_from(m, acts, inputs, targets, tok.pad_token_id, shared)[0]
+                stats = refcache.statistics(ref_hidden, *head_weights[m], v)
+            elif reference == "shared":
                 stats = reference_stats(m, None, record)
             if fused:
                 loss, _ = head_loss(hidden, head_weights[m][0], tgt, kl, entropy, vocab_size=v, ref_stats=stats)
@@ -321,6 +338,8 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             "new_miss_shared_grouped": lambda: new_step("grouped", False, "shared"),
             "new_hit_fused": lambda: new_step("grouped", True, fused=True),
             "new_miss_shared_fused": lambda: new_step("grouped", False, "shared", fused=True),
+            "new_hit_blocks": lambda: new_step("grouped", True, fused=True, blocks=True),
+            "new_miss_shared_blocks": lambda: new_step("grouped", False, "shared", fused=True, blocks=True),
         }
         times = interleaved(paths, steps)
         toks = sum(len(i) + len(t) for i, t in zip(inputs, targets))
@@ -332,7 +351,8 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             ref_flops = 2 * n_params * (toks if "conditioned" in k else ref_toks)
             if "shared" in k:  # the reference runs the adapted blocks only
                 ref_flops = 2 * lora_layers * n_params * toks
-            flops = (2 + 2 * lora_layers) * n_params * toks + (0 if "hit" in k else ref_flops)
+            policy_forward = 2 * lora_layers if k == "new_hit_blocks" else 2  # cached: the adapted blocks only
+            flops = (policy_forward + 2 * lora_layers) * n_params * toks + (0 if "hit" in k else ref_flops)
             rows.append(
                 {
                     "path": k,

@@ -396,6 +396,14 @@ class ALTConfig:
         "first draw starts the reference forward from the policy's activations at the lowest adapted block (the "
         "blocks below it compute the same on the same input) instead of running them twice. Off: a whole forward.",
     )
+    cache_frozen_layers: bool = _f(
+        True,
+        "With the reference cache and LoRA on the top lora_layers only: keep each pool row's input to the lowest "
+        "adapted block (per feedback string), computed at its first draw, so later draws run the adapted blocks "
+        "only (the frozen blocks below compute the same at every draw). Equal up to rounding: a row's input is "
+        "the one computed in its first batch, whose padding orders attention's sums differently. Off: every "
+        "step runs every block.",
+    )
     fused_loss: bool = _f(
         True,
         "With the reference cache: run the LM head inside the loss, a chunk of tokens at a time, computing the "

@@ -54,21 +54,68 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return _causal_lm(model).get_output_embeddings()(hidden)
 
 
+class _StopForward(Exception):
+    """Raised by layer_input(stop=True) once its block's input is recorded: nothing above that block is needed."""
+
+
 @contextlib.contextmanager
-def layer_input(model, index: int):
+def layer_input(model, index: int, stop: bool = False):
     """Records what the decoder body passes to its layer `index` during a forward run inside the block: the hidden
-    states (`record["hidden"]`) and the keyword arguments (mask, rotary embeddings, position ids)."""
+    states (`record["hidden"]`) and the keyword arguments (mask, rotary embeddings, position ids). stop: the forward
+    ends there (the block leaves the exception the hook raises)."""
     record: dict = {}
 
     def hook(module, args, kwargs):
         record["hidden"] = args[0] if args else kwargs["hidden_states"]
         record["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if stop:
+            raise _StopForward
 
     handle = _causal_lm(model).base_model.layers[index].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield record
+    except _StopForward:
+        pass
     finally:
         handle.remove()
+
+
+def _padded_batch(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int):
+    seqs = [i + t for i, t in zip(inputs, targets)]
+    ids, attn, pos = left_pad(seqs, pad_id)
+    dev = next(model.parameters()).device
+    return ids.to(dev), attn.to(dev), pos.to(dev)
+
+
+@torch.no_grad()
+def block_inputs(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int, index: int) -> list:
+    """What the decoder body hands its block `index` for each sequence `inputs + targets`: [T_i, D] per row, its
+    real positions only. The blocks below `index` run, none above (cache_frozen_layers: they are frozen)."""
+    ids, attn, pos = _padded_batch(model, inputs, targets, pad_id)
+    with layer_input(model, index, stop=True) as record:
+        _causal_lm(model).base_model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+    width = ids.shape[1]
+    return [record["hidden"][i, width - len(x) - len(t) :].clone() for i, (x, t) in enumerate(zip(inputs, targets))]
+
+
+def target_hidden_from(model, acts: list, inputs: list[list[int]], targets: list[list[int]], pad_id: int, index: int):
+    """target_hidden, from block `index` up: `acts` are the rows' inputs to that block (block_inputs), so the blocks
+    below it do not run. The blocks' keyword arguments (mask, rotary embeddings) are the body's own for this batch,
+    recorded at block 0 (every block takes the same ones: trainer.cache_frozen_layers checks)."""
+    ids, attn, pos = _padded_batch(model, inputs, targets, pad_id)
+    with torch.no_grad(), layer_input(model, 0, stop=True) as record:
+        _causal_lm(model).base_model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+    width = ids.shape[1]
+    hidden = acts[0].new_zeros(len(acts), width, acts[0].shape[-1])  # padded positions: masked, so any value
+    for i, a in enumerate(acts):
+        hidden[i, width - a.shape[0] :] = a
+    body = _causal_lm(model).base_model
+    for layer in body.layers[index : body.config.num_hidden_layers]:
+        hidden = layer(hidden, **record["kwargs"])
+    hidden = body.norm(hidden)
+    m = max(len(t) for t in targets)
+    tgt, mask = _pad_targets(targets, m, pad_id, ids.device)
+    return hidden[:, -(m + 1) : -1][mask], tgt[mask]
 
 
 def tail_target_hidden(model, record: dict, index: int, rows: list[int], targets: list[list[int]], pad_id: int):

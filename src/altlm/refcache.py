@@ -13,6 +13,10 @@ Resume stays exact: the entries computed since the last training snapshot are wr
 (`refcache/it<i>-step<s>.safetensors`, temp file then rename), a resume reloads those up to its snapshot and
 drops any written after it, so the same rows are missing at the same steps and are computed in the same batches.
 The folder is removed when the run finishes (it is needed only to resume).
+
+Under `cache_frozen_layers` it also keeps, per pool row and feedback string, the policy's input to its lowest
+adapted block (the frozen blocks below compute the same for the row at every draw): later draws run the adapted
+blocks only. Those are written and reloaded with the statistics.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ class ReferenceCache:
         self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key → (Wᵀq [T, D], Σ q log q [T])
         self.pending: list[str] = []  # keys computed since the last flush
         self.misses = 0
+        # cache_frozen_layers: key → the policy's input to its lowest adapted block [T, D] (loss.block_inputs)
+        self.block_inputs: dict[str, torch.Tensor] = {}
+        self.pending_inputs: list[str] = []
 
     def missing(self, keys: list[str]) -> list[int]:
         """Positions (in `keys`) of rows without an entry; counts them (`misses`: reference forwards run)."""
@@ -72,6 +79,10 @@ class ReferenceCache:
         self.entries[entry] = (mean_embedding, negentropy)
         self.pending.append(entry)
 
+    def add_block_input(self, entry: str, value: torch.Tensor) -> None:
+        self.block_inputs[entry] = value
+        self.pending_inputs.append(entry)
+
     def gather(self, keys: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's entries, rows in order, each row's tokens in order: the order of target_hidden's packing."""
         embeddings = torch.cat([self.entries[r][0] for r in keys]).to(device)
@@ -82,18 +93,21 @@ class ReferenceCache:
         """Write the entries computed since the last flush, as of training step `step` of `iteration`."""
         from safetensors.torch import save_file
 
-        if not self.pending:
+        if not self.pending and not self.pending_inputs:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for r in self.pending:
             tensors[f"{r}.mean_embedding"] = self.entries[r][0].contiguous()
             tensors[f"{r}.negentropy"] = self.entries[r][1].contiguous()
+        for r in self.pending_inputs:
+            tensors[f"{r}.block_input"] = self.block_inputs[r].contiguous()
         final = self.folder / f"it{iteration}-step{step}.safetensors"
         tmp = final.with_suffix(".tmp")
         save_file(tensors, tmp)
         os.replace(tmp, final)
         self.pending = []
+        self.pending_inputs = []
 
     def load(self, iteration: int, step: int) -> None:
         """Entries written up to training step `step` of `iteration` (the resume point); later files are a
@@ -115,6 +129,8 @@ class ReferenceCache:
                 if name.endswith(".mean_embedding"):
                     r = name.removesuffix(".mean_embedding")
                     self.entries[r] = (tensors[name], tensors[f"{r}.negentropy"])
+                elif name.endswith(".block_input"):
+                    self.block_inputs[name.removesuffix(".block_input")] = tensors[name]
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

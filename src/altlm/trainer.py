@@ -31,7 +31,17 @@ from .distributed import Processes
 from .errors import AltlmError
 from .feedback import Feedback, build_feedback
 from .feedback.noise import labelled_indices, noise_categories, noise_offset, noise_sentences
-from .loss import alt_loss, head_logits, head_loss, layer_input, tail_target_hidden, target_hidden, target_logits
+from .loss import (
+    alt_loss,
+    block_inputs,
+    head_logits,
+    head_loss,
+    layer_input,
+    tail_target_hidden,
+    target_hidden,
+    target_hidden_from,
+    target_logits,
+)
 from .pool import Pool, Row
 from .refcache import ReferenceCache
 from .report import open_trackers, write_report
@@ -115,6 +125,7 @@ class ALTTrainer:
             head = self.model.get_output_embeddings().weight.detach()
             self.head_weight = head.to(self.amp) if self.amp is not None else head
         self.shared_layers = self.frozen_layers_below_adapter()
+        self.cached_block = self.lowest_adapted_block() if cfg.cache_frozen_layers else 0
         self.vllm = VLLMSampler.for_run(cfg, self.run, self.procs.world)  # None unless sampler=vllm
         self.fluency = None
         if cfg.perplexity_model:
@@ -685,12 +696,18 @@ class ALTTrainer:
         inputs = [self.policy_input(r) for r in batch]
         targets = [self.template.target_ids(tok, r.completion, bool(r.truncated)) for r in batch]
         autocast = torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
-        if self.refcache is not None:
+        if self.refcache is not None and self.cached_block:  # the frozen blocks' output is cached per row
+            acts = self.cached_block_inputs(batch, inputs, targets)
+            with autocast:
+                hidden, tgt = target_hidden_from(self.ddp, acts, inputs, targets, tok.pad_token_id, self.cached_block)
+            self.fill_reference_cache(batch, targets, {}, acts)
+        elif self.refcache is not None:
             shared = self.shared_layers  # 0: nothing to record, the reference forward runs whole
             record_input = layer_input(self.model, shared) if shared else contextlib.nullcontext({})
             with autocast, record_input as record:
                 hidden, tgt = target_hidden(self.ddp, inputs, targets, tok.pad_token_id)
             self.fill_reference_cache(batch, targets, record)
+        if self.refcache is not None:
             ref = self.refcache.gather(self.reference_keys(batch), hidden.device)
             coefs = (cfg.kl_coef, cfg.entropy_coef)
             if cfg.fused_loss:
@@ -746,14 +763,14 @@ class ALTTrainer:
         conditioned = self.cfg.reference_input == "conditioned" and self.cfg.use_feedback
         return [refcache.key(r.id, r.feedback, conditioned) for r in rows]
 
-    def frozen_layers_below_adapter(self) -> int:
-        """The bottom decoder blocks a cache miss's reference forward can skip (share_frozen_layers): where the
-        reference is the frozen base reading the policy's own input (conditioned) and LoRA adapts the top blocks
-        only, the blocks below the lowest adapted one compute the same for both. 0: the whole forward runs."""
-        cfg = self.cfg
-        if self.refcache is None or self.ref_model is not None:
+    def lowest_adapted_block(self) -> int:
+        """The lowest decoder block LoRA adapts, when the blocks below it are frozen (they compute the same for a
+        sequence whatever the adapters hold) and every block takes the same keyword arguments (mask, rotary
+        embeddings: recorded once, loss.layer_input). 0: none qualifies, the whole forward runs."""
+        if self.refcache is None:
             return 0
-        if not cfg.share_frozen_layers or cfg.reference_input != "conditioned":
+        types = getattr(self.model.config, "layer_types", None)
+        if types and len(set(types)) > 1:  # e.g. Gemma 3's sliding-window blocks take another mask
             return 0
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -765,26 +782,59 @@ class ALTTrainer:
         layers = self.model.get_base_model().base_model.layers
         return next((i for i, layer in enumerate(layers) if adapted(layer)), 0)
 
+    def frozen_layers_below_adapter(self) -> int:
+        """The bottom decoder blocks a cache miss's reference forward can skip (share_frozen_layers): where the
+        reference is the frozen base reading the policy's own input (conditioned), the blocks below the lowest
+        adapted one compute the same for both. 0: the whole forward runs."""
+        cfg = self.cfg
+        if not cfg.share_frozen_layers or cfg.reference_input != "conditioned" or self.ref_model is not None:
+            return 0
+        return self.lowest_adapted_block()
+
+    def cached_block_inputs(self, rows, inputs, targets) -> list:
+        """The rows' inputs to the lowest adapted block (cache_frozen_layers): stored at a row's first draw under
+        its feedback string, then reused (the frozen blocks below compute the same at every draw)."""
+        keys = [refcache.key(r.id, r.feedback if self.cfg.use_feedback else None, True) for r in rows]
+        stored = self.refcache.block_inputs
+        missing = [i for i, k in enumerate(keys) if k not in stored]
+        if missing:
+            autocast = torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+            with autocast:
+                acts = block_inputs(
+                    self.model,
+                    [inputs[i] for i in missing],
+                    [targets[i] for i in missing],
+                    self.tokenizer.pad_token_id,
+                    self.cached_block,
+                )
+            for i, a in zip(missing, acts):
+                self.refcache.add_block_input(keys[i], a)
+        return [stored[k].to(self.device) for k in keys]
+
     @torch.no_grad()
-    def fill_reference_cache(self, rows, targets, record: dict) -> None:
+    def fill_reference_cache(self, rows, targets, record: dict, acts: list | None = None) -> None:
         """Reference statistics for the rows of a step that have none yet (refcache.py), in one forward pass: from
-        the lowest adapted block up when the policy's forward recorded its input there (`record`), else whole."""
+        the lowest adapted block up when the policy's forward recorded its input there (`record`) or the rows'
+        inputs to it are cached (`acts`, cache_frozen_layers), else whole."""
         tok = self.tokenizer
         keys = self.reference_keys(rows)
         missing = self.refcache.missing(keys)
         if not missing:
             return
         ref_targets = [targets[i] for i in missing]
+        ref_in = [self.reference_input(rows[i]) for i in missing]
         model = self.ref_model if self.ref_model is not None else self.model
         adapter_off = self.model.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
         with (
             adapter_off,
             torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
         ):
-            if record:
+            if self.shared_layers and acts is not None:
+                picked = [acts[i] for i in missing]
+                hidden = target_hidden_from(model, picked, ref_in, ref_targets, tok.pad_token_id, self.shared_layers)[0]
+            elif record:
                 hidden = tail_target_hidden(model, record, self.shared_layers, missing, targets, tok.pad_token_id)
             else:
-                ref_in = [self.reference_input(rows[i]) for i in missing]
                 hidden = target_hidden(model, ref_in, ref_targets, tok.pad_token_id)[0]
         weight = self.head_weight  # the reference's head: the policy's frozen one, or a separate reference's
         if self.ref_model is not None:
