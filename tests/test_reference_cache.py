@@ -185,6 +185,24 @@ def test_cache_files_reload_up_to_the_resume_point_and_drop_later_ones(tmp_path)
     assert key(13, "Most Positive", True) in again.entries and key(13, "Most Negative", True) not in again.entries
 
 
+def test_block_inputs_are_saved_with_the_cache_within_their_budget(tmp_path):
+    """cache_frozen_layers' stored inputs: written with the statistics at a flush, reloaded up to the resume point,
+    and never past cache_frozen_gb (a row past the budget is not stored; it runs the frozen blocks at each draw)."""
+    row = torch.ones(3, 4)  # 48 bytes
+    cache = ReferenceCache(tmp_path, block_input_bytes=100)
+    for r in ("a", "b", "c"):
+        cache.add_block_input(r, row * len(r))
+    cache.add_block_input("a", row)  # already stored: no second copy counted
+    assert sorted(cache.block_inputs) == ["a", "b"] and cache.stored_bytes == 96
+    cache.flush(1, 2)
+    resumed = ReferenceCache(tmp_path, block_input_bytes=100)
+    resumed.load(1, 2)
+    assert sorted(resumed.block_inputs) == ["a", "b"] and resumed.stored_bytes == 96
+    assert torch.equal(resumed.block_inputs["b"], row)
+    resumed.add_block_input("c", row)  # the budget holds after a resume as it did before
+    assert "c" not in resumed.block_inputs
+
+
 @pytest.mark.parametrize(
     "extra",
     [[], ["lora_layers=0.5", "reference_input=conditioned"]],

@@ -404,6 +404,11 @@ class ALTConfig:
         "the one computed in its first batch, whose padding orders attention's sums differently. Off: every "
         "step runs every block.",
     )
+    cache_frozen_gb: float = _f(
+        4.0,
+        "cache_frozen_layers: the most host memory (GiB) the stored block inputs may take (hidden size x 4 bytes per "
+        "token; the demo's ~3,000 rows take about 0.3); rows past it run the frozen blocks at each draw.",
+    )
     fused_loss: bool = _f(
         True,
         "With the reference cache: run the LM head inside the loss, a chunk of tokens at a time, computing the "
@@ -537,6 +542,8 @@ class ALTConfig:
             )
         if self.train_steps < 0:
             raise AltlmError(f"config key 'train_steps' must be >= 0, got {self.train_steps}")
+        if self.cache_frozen_gb < 0:
+            raise AltlmError(f"config key 'cache_frozen_gb' must be >= 0 (GiB), got {self.cache_frozen_gb}")
         if not 0.0 < self.lora_layers <= 1.0 or not 0.0 < self.top_fraction <= 1.0:
             raise AltlmError("config keys 'lora_layers' and 'top_fraction' must be in (0, 1]")
         if self.save_steps < 0 or self.steer_eval_every < 0 or self.micro_batch_size < 0:

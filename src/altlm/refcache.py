@@ -60,14 +60,16 @@ def statistics(
 
 
 class ReferenceCache:
-    def __init__(self, run: Path):
+    def __init__(self, run: Path, block_input_bytes: float = 0):
         self.folder = Path(run) / FOLDER
+        self.block_input_bytes = block_input_bytes  # the most the stored block inputs may take (cache_frozen_gb)
         self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key → (Wᵀq [T, D], Σ q log q [T])
         self.pending: list[str] = []  # keys computed since the last flush
         self.misses = 0
         # cache_frozen_layers: key → the policy's input to its lowest adapted block [T, D] (loss.block_inputs)
         self.block_inputs: dict[str, torch.Tensor] = {}
         self.pending_inputs: list[str] = []
+        self.stored_bytes = 0
 
     def missing(self, keys: list[str]) -> list[int]:
         """Positions (in `keys`) of rows without an entry; counts them (`misses`: reference forwards run)."""
@@ -80,7 +82,13 @@ class ReferenceCache:
         self.pending.append(entry)
 
     def add_block_input(self, entry: str, value: torch.Tensor) -> None:
-        self.block_inputs[entry] = value
+        """Store a row's input to the lowest adapted block, in host memory, unless the budget is spent (the row then
+        runs the frozen blocks at each draw; the same rows are stored after a resume, as the entries reload)."""
+        size = value.numel() * value.element_size()
+        if entry in self.block_inputs or self.stored_bytes + size > self.block_input_bytes:
+            return
+        self.stored_bytes += size
+        self.block_inputs[entry] = value.cpu()
         self.pending_inputs.append(entry)
 
     def gather(self, keys: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +139,7 @@ class ReferenceCache:
                     self.entries[r] = (tensors[name], tensors[f"{r}.negentropy"])
                 elif name.endswith(".block_input"):
                     self.block_inputs[name.removesuffix(".block_input")] = tensors[name]
+                    self.stored_bytes += tensors[name].numel() * tensors[name].element_size()
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

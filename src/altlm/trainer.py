@@ -181,7 +181,7 @@ class ALTTrainer:
         weight = getattr(head, "weight", None)
         if weight is None or weight.requires_grad or getattr(head, "bias", None) is not None:
             return None
-        cache = ReferenceCache(self.run)
+        cache = ReferenceCache(self.run, cfg.cache_frozen_gb * 2**30 if cfg.cache_frozen_layers else 0)
         # Entries up to the point this run resumes from: its training snapshot, or the last finished iteration.
         if self.progress.phase in ("train", "eval"):
             cache.load(self.progress.iteration_done + 1, self.progress.step)
@@ -797,19 +797,21 @@ class ALTTrainer:
         keys = [refcache.key(r.id, r.feedback if self.cfg.use_feedback else None, True) for r in rows]
         stored = self.refcache.block_inputs
         missing = [i for i, k in enumerate(keys) if k not in stored]
+        acts = {}
         if missing:
             autocast = torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
             with autocast:
-                acts = block_inputs(
+                computed = block_inputs(
                     self.model,
                     [inputs[i] for i in missing],
                     [targets[i] for i in missing],
                     self.tokenizer.pad_token_id,
                     self.cached_block,
                 )
-            for i, a in zip(missing, acts):
+            for i, a in zip(missing, computed):
+                acts[i] = a
                 self.refcache.add_block_input(keys[i], a)
-        return [stored[k].to(self.device) for k in keys]
+        return [acts[i] if i in acts else stored[k].to(self.device) for i, k in enumerate(keys)]
 
     @torch.no_grad()
     def fill_reference_cache(self, rows, targets, record: dict, acts: list | None = None) -> None:
