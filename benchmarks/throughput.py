@@ -588,6 +588,18 @@ def profile(model, tok, amp, out: Path) -> dict:
     return rates
 
 
+def best_batch_table(what: str, rows: list[dict], size: str, rate: str, paths) -> list[str]:
+    """Markdown lines: each of `paths` at the batch size (`size`) where its `rate` is highest, against old's best."""
+    best = {}
+    for r in rows:
+        if r["path"] in paths and r[rate] > best.get(r["path"], {}).get(rate, 0):
+            best[r["path"]] = r
+    lines = ["", f"| {what}, each path at its best batch | {size} | {rate} | vs old at its best |", "|---|---|---|---|"]
+    for name, r in best.items():
+        lines.append(f"| {name} | {r[size]} | {r[rate]} | {r[rate] / best['old'][rate]:.2f}x |")
+    return lines
+
+
 def write_paths(res: dict, args, roof: dict) -> int:
     """The side-by-side tables (old vs new training path; altlm's sampler vs HF generate) as JSON and markdown."""
     R = roof["roofline_gflops"]
@@ -606,20 +618,7 @@ def write_paths(res: dict, args, roof: dict) -> int:
             f"| {r['path']} | {r['batch']} | {r['seconds_per_step']} | {r['examples_per_s']} | {ratio:.2f}x | "
             f"{r['gflops']} | {r['gflops'] / R:.0%} |"
         )
-    best_lora = {}
-    for r in res["lora_paths"]:
-        if r["path"] in BEST_BATCH_PATHS and r["examples_per_s"] > best_lora.get(r["path"], {}).get(
-            "examples_per_s", 0
-        ):
-            best_lora[r["path"]] = r
-    lines += [
-        "",
-        "| LoRA step, each path at its best batch | batch | examples/s | vs old at its best |",
-        "|---|---|---|---|",
-    ]
-    for name, r in best_lora.items():
-        ratio = r["examples_per_s"] / best_lora["old"]["examples_per_s"]
-        lines.append(f"| {name} | {r['batch']} | {r['examples_per_s']} | {ratio:.2f}x |")
+    lines += best_batch_table("LoRA step", res["lora_paths"], "batch", "examples_per_s", BEST_BATCH_PATHS)
     lines += [
         "",
         "| sampler (k samples per prompt) | top-p | rows | k | new tokens | tokens/s | vs old, same rows | GFLOP/s "
@@ -634,19 +633,8 @@ def write_paths(res: dict, args, roof: dict) -> int:
             f"{r['tokens_per_s']} | {r['tokens_per_s'] / old_rate[r['top_p'], r['rows']]:.2f}x | {r['gflops']} | "
             f"{r['gflops'] / R:.0%} |"
         )
-    best = {}
-    for r in sp:
-        if r["top_p"] == 0.9 and r["tokens_per_s"] > best.get(r["path"], {}).get("tokens_per_s", 0):
-            best[r["path"]] = r
-    lines += [
-        "",
-        "| each path at its best batch (top-p 0.9) | rows | tokens/s | vs old at its best |",
-        "|---|---|---|---|",
-    ]
-    for name, r in best.items():
-        lines.append(
-            f"| {name} | {r['rows']} | {r['tokens_per_s']} | {r['tokens_per_s'] / best['old']['tokens_per_s']:.2f}x |"
-        )
+    at_09 = [r for r in sp if r["top_p"] == 0.9]
+    lines += best_batch_table("sampler (top-p 0.9)", at_09, "rows", "tokens_per_s", ("old", "new_eager", "new"))
     lines += [
         "",
         "| sampler (top-p 0.9, same bf16 weights) | batch | new tokens | tokens/s | vs HF generate |",
