@@ -243,10 +243,10 @@ def head_loss(
     chunk_rows: int = HEAD_CHUNK_ROWS,
 ):
     """alt_loss of the packed hidden states [N, D] under a frozen LM head `weight` [V, D], with the head inside the
-    loss (fused_loss): the same loss, stats and gradients as head_logits + alt_loss(..., ref_stats=(hidden, *ref_stats)),
-    without the [N, V] logits. `weight` is the head in the dtype its matmul runs in (under autocast, the compute
-    dtype: the matmuls are then autocast's own). ref_stats: (ref_mean_embedding [N, D], ref_negentropy [N]) or None
-    (no KL). Returns (loss, stats) as alt_loss does.
+    loss (fused_loss): the same loss, stats and gradients as head_logits, then alt_loss with
+    ref_stats=(hidden, *ref_stats), without the [N, V] logits. `weight` is the head in the dtype its matmul runs in
+    (under autocast, the compute dtype: the matmuls are then autocast's own). ref_stats: (ref_mean_embedding [N, D],
+    ref_negentropy [N]) or None (no KL). Returns (loss, stats) as alt_loss does.
 
     Why: the unfused loss keeps [N, V] fp32 tensors for autograd (logits, log-probabilities, their gradients, the
     zeros that indexing scatters into); fresh 40 MB tensors page-fault on every step. Here the rows go through in
@@ -268,8 +268,9 @@ def head_loss(
 class _HeadLoss(torch.autograd.Function):
     """head_loss's forward and backward: loss_t = nll_t − α·H_t + β·KL_t over the rows t, in fp32 from the head's
     logits, as alt_loss computes them. With p the softmax of the first v logits z and lse their logsumexp:
-      ∂nll/∂z = softmax over all V logits − onehot(target);  ∂KL/∂z = p (KL = Σ q log q − h·(Wᵀq) + lse, and
-      ∂KL/∂h = −Wᵀq besides);  ∂(−H)/∂z = p ⊙ (log p + H).
+      ∂nll/∂z = softmax over all V logits − onehot(target);
+      ∂KL/∂z = p (KL = Σ q log q − h·(Wᵀq) + lse, and ∂KL/∂h = −Wᵀq besides);
+      ∂(−H)/∂z = p ⊙ (log p + H).
     The hidden states' gradient is (Σ ∂/∂z) W, in the head's dtype as autograd's matmul backward would run it."""
 
     @staticmethod
