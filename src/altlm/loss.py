@@ -33,16 +33,21 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _padded_batch(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int):
+    """`inputs + targets` left-padded (input ids, attention mask, position ids) on the model's device."""
+    seqs = [i + t for i, t in zip(inputs, targets)]
+    ids, attn, pos = left_pad(seqs, pad_id)
+    dev = next(model.parameters()).device  # (a DDP wrapper has no .device)
+    return ids.to(dev), attn.to(dev), pos.to(dev)
+
+
 def target_hidden(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int):
     """(final hidden states [N, D] before the LM head, target ids [N]) at the N completion positions of
     `inputs + targets`, row by row: packed, with no padding. `model` is a causal LM or a peft model of one; its body
     (`base_model`, e.g. LlamaModel) runs with the adapters as they are. The head is the caller's: `head_loss` runs
     it chunk by chunk inside the loss, `head_logits` whole. The head and the loss see no padded position: no
     [B, M, V] tensor for the masked indexing to scatter its gradient back into."""
-    seqs = [i + t for i, t in zip(inputs, targets)]
-    ids, attn, pos = left_pad(seqs, pad_id)
-    dev = next(model.parameters()).device
-    ids, attn, pos = ids.to(dev), attn.to(dev), pos.to(dev)
+    ids, attn, pos = _padded_batch(model, inputs, targets, pad_id)
     m = max(len(t) for t in targets)
     out = _causal_lm(model).base_model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
     tgt, mask = _pad_targets(targets, m, pad_id, ids.device)
@@ -78,13 +83,6 @@ def layer_input(model, index: int, stop: bool = False):
         pass
     finally:
         handle.remove()
-
-
-def _padded_batch(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int):
-    seqs = [i + t for i, t in zip(inputs, targets)]
-    ids, attn, pos = left_pad(seqs, pad_id)
-    dev = next(model.parameters()).device
-    return ids.to(dev), attn.to(dev), pos.to(dev)
 
 
 @torch.no_grad()
@@ -147,10 +145,7 @@ def target_logits(model, inputs: list[list[int]], targets: list[list[int]], pad_
     """Run `inputs + targets` left-padded and return (logits [B, M, V], target ids [B, M], mask [B, M]) where
     M is the longest target. Left padding right-aligns every target, so only the last M+1 positions need the
     LM head (`logits_to_keep`): prompt and feedback positions never pay for the vocabulary projection."""
-    seqs = [i + t for i, t in zip(inputs, targets)]
-    ids, attn, pos = left_pad(seqs, pad_id)
-    dev = next(model.parameters()).device  # (a DDP wrapper has no .device)
-    ids, attn, pos = ids.to(dev), attn.to(dev), pos.to(dev)
+    ids, attn, pos = _padded_batch(model, inputs, targets, pad_id)
     m = max(len(t) for t in targets)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=m + 1).logits[
         :, :-1

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .loss import HEAD_CHUNK_ROWS
+
 FOLDER = "refcache"
 _NAME = re.compile(r"it(\d+)-step(\d+)\.safetensors")
 
@@ -43,18 +45,23 @@ def key(row_id: int, feedback: str | None = None, conditioned: bool = False) -> 
 
 @torch.no_grad()
 def statistics(
-    hidden: torch.Tensor, weight: torch.Tensor, head: torch.Tensor, vocab_size: int, chunk_rows: int = 64
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    head: torch.Tensor,
+    vocab_size: int,
+    chunk_rows: int = HEAD_CHUNK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the KL needs of the reference's distribution q at N tokens, from its final hidden states [N, D]: Wᵀq
     [N, D] and Σ q log q [N], in fp32 (the KL subtracts terms of tens to get values near 0.1), over the tokenizer's
     vocabulary. `weight`: the head in its matmul's dtype (the logits are the policy's, loss.head_loss); `head`: W
     [V, D] as stored (fp32), for Wᵀq. Chunks of `chunk_rows` rows: no [N, V] tensor."""
     mean_embedding, negentropy = [], []
+    words = head[:vocab_size].float()
     with torch.autocast(hidden.device.type, enabled=False):
         for h in hidden.split(chunk_rows):
             log_q = torch.log_softmax(F.linear(h.to(weight.dtype), weight).float()[:, :vocab_size], -1)
             q = log_q.exp()
-            mean_embedding.append(q @ head[:vocab_size].float())
+            mean_embedding.append(q @ words)
             negentropy.append((q * log_q).sum(-1))
     return torch.cat(mean_embedding), torch.cat(negentropy)
 

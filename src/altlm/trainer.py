@@ -695,12 +695,12 @@ class ALTTrainer:
         cfg, tok = self.cfg, self.tokenizer
         inputs = [self.policy_input(r) for r in batch]
         targets = [self.template.target_ids(tok, r.completion, bool(r.truncated)) for r in batch]
-        autocast = torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+        autocast = self.autocast()
         if self.refcache is not None and self.cached_block:  # the frozen blocks' output is cached per row
             acts = self.cached_block_inputs(batch, inputs, targets)
             with autocast:
                 hidden, tgt = target_hidden_from(self.ddp, acts, inputs, targets, tok.pad_token_id, self.cached_block)
-            self.fill_reference_cache(batch, targets, {}, acts)
+            self.fill_reference_cache(batch, targets, acts=acts)
         elif self.refcache is not None:
             shared = self.shared_layers  # 0: nothing to record, the reference forward runs whole
             record_input = layer_input(self.model, shared) if shared else contextlib.nullcontext({})
@@ -763,6 +763,10 @@ class ALTTrainer:
         conditioned = self.cfg.reference_input == "conditioned" and self.cfg.use_feedback
         return [refcache.key(r.id, r.feedback, conditioned) for r in rows]
 
+    def autocast(self):
+        """The training forward's precision context: autocast to the compute dtype, or none under fp32."""
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
     def lowest_adapted_block(self) -> int:
         """The lowest decoder block LoRA adapts, when the blocks below it are frozen (they compute the same for a
         sequence whatever the adapters hold) and every block takes the same keyword arguments (mask, rotary
@@ -799,8 +803,7 @@ class ALTTrainer:
         missing = [i for i, k in enumerate(keys) if k not in stored]
         acts = {}
         if missing:
-            autocast = torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
-            with autocast:
+            with self.autocast():
                 computed = block_inputs(
                     self.model,
                     [inputs[i] for i in missing],
@@ -814,7 +817,7 @@ class ALTTrainer:
         return [acts[i] if i in acts else stored[k].to(self.device) for i, k in enumerate(keys)]
 
     @torch.no_grad()
-    def fill_reference_cache(self, rows, targets, record: dict, acts: list | None = None) -> None:
+    def fill_reference_cache(self, rows, targets, record: dict | None = None, acts: list | None = None) -> None:
         """Reference statistics for the rows of a step that have none yet (refcache.py), in one forward pass: from
         the lowest adapted block up when the policy's forward recorded its input there (`record`) or the rows'
         inputs to it are cached (`acts`, cache_frozen_layers), else whole."""
@@ -827,10 +830,7 @@ class ALTTrainer:
         ref_in = [self.reference_input(rows[i]) for i in missing]
         model = self.ref_model if self.ref_model is not None else self.model
         adapter_off = self.model.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
-        with (
-            adapter_off,
-            torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
-        ):
+        with adapter_off, self.autocast():
             if self.shared_layers and acts is not None:
                 picked = [acts[i] for i in missing]
                 hidden = target_hidden_from(model, picked, ref_in, ref_targets, tok.pad_token_id, self.shared_layers)[0]
