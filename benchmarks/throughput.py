@@ -222,7 +222,9 @@ def alt_loss_before(policy_logits, targets, mask, ref_logits, kl_coef, entropy_c
     return (nll - entropy_coef * entropy + kl_coef * kl).mean()
 
 
-BEST_BATCH_PATHS = ("old", "new_hit_blocks", "new_miss_shared_blocks")  # the LoRA paths the batch sweep compares
+# the LoRA paths the batch sweep compares; new_staged_first_draw is derived (bench_lora_paths)
+BEST_BATCH_PATHS = ("old", "new_hit_blocks", "new_miss_shared_blocks", "new_staged_first_draw")
+STAGE_ROWS = 64  # the trainer's default stage_first_draws
 
 
 def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: int, lora_layers: float) -> list[dict]:
@@ -238,7 +240,10 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
     (eager without repeat_kv's copies; attn_implementation=auto on CPU for SmolLM2). `_fused`: grouped, and the head
     inside the loss (fused_loss, loss.head_loss). `_blocks` (the default): fused, and the rows' inputs to the lowest
     adapted block cached (cache_frozen_layers): a cached row runs the adapted blocks only; its first draw runs the
-    frozen blocks once, without gradient, and the reference from their output."""
+    frozen blocks once, without gradient, and the reference from their output. `stage_64_rows`: what
+    stage_first_draws does before a phase's first step for 64 first draws (the frozen blocks and the reference
+    statistics, no gradient, rows sorted by length); `new_staged_first_draw` is derived from the same run's medians:
+    a cached step plus the staging of its rows (batch × stage_64_rows / 64), a first draw's whole cost when staged."""
     import copy
 
     lora = dict(
@@ -272,6 +277,20 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
         head = m.get_output_embeddings().weight.detach()
         head_weights[m] = (head.to(amp) if amp is not None else head, head)
     rows = []
+    stage_inputs, _, stage_targets = demo_batch(tok, STAGE_ROWS, seed=1)
+    stage_order = sorted(range(STAGE_ROWS), key=lambda i: len(stage_inputs[i]) + len(stage_targets[i]))
+    stage_inputs = [stage_inputs[i] for i in stage_order]
+    stage_targets = [stage_targets[i] for i in stage_order]
+
+    def stage():  # trainer.stage_first_draws for STAGE_ROWS rows: frozen blocks, then the reference from their output
+        m = nets["grouped"][0]
+        with torch.no_grad(), autocast():
+            acts = block_inputs(m, stage_inputs, stage_targets, tok.pad_token_id, shared)
+            with m.disable_adapter():
+                hidden = target_hidden_from(m, acts, stage_inputs, stage_targets, tok.pad_token_id, shared)[0]
+        refcache.statistics(hidden, *head_weights[m], v)
+
+    stage_toks = sum(len(i) + len(t) for i, t in zip(stage_inputs, stage_targets))
     for b in batches:
         inputs, ref_inputs, targets = demo_batch(tok, b)
 
@@ -343,10 +362,23 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             "new_miss_shared_fused": lambda: new_step("grouped", False, "shared", fused=True),
             "new_hit_blocks": lambda: new_step("grouped", True, fused=True, blocks=True),
             "new_miss_shared_blocks": lambda: new_step("grouped", False, "shared", fused=True, blocks=True),
+            "stage_64_rows": stage,
         }
         if b > 32:  # the batch sweep's larger sizes: the old path against the defaults only (an old step takes ~9 s)
-            paths = {k: v for k, v in paths.items() if k in BEST_BATCH_PATHS}
+            paths = {k: v for k, v in paths.items() if k in BEST_BATCH_PATHS or k == "stage_64_rows"}
         times = interleaved(paths, steps)
+        per_row = sorted(times.pop("stage_64_rows"))[steps // 2] / STAGE_ROWS  # the median staging, per row
+        rows.append(  # (measured beside batch b's steps; its own batch is STAGE_ROWS)
+            {
+                "path": "stage_64_rows",
+                "batch": b,
+                "seconds_per_step": round(per_row * STAGE_ROWS, 3),
+                "examples_per_s": round(1 / per_row, 2),
+                "tokens_per_s": round(stage_toks / (per_row * STAGE_ROWS), 1),
+                "gflops": round(2 * n_params * stage_toks / (per_row * STAGE_ROWS) / 1e9, 1),
+            }
+        )
+        times["new_staged_first_draw"] = [t + b * per_row for t in times["new_hit_blocks"]]
         toks = sum(len(i) + len(t) for i, t in zip(inputs, targets))
         ref_toks = sum(len(i) + len(t) for i, t in zip(ref_inputs, targets))
         for k, ts in times.items():
@@ -356,8 +388,11 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             ref_flops = 2 * n_params * (toks if "conditioned" in k else ref_toks)
             if "shared" in k:  # the reference runs the adapted blocks only
                 ref_flops = 2 * lora_layers * n_params * toks
-            policy_forward = 2 * lora_layers if k == "new_hit_blocks" else 2  # cached: the adapted blocks only
+            cached = k in ("new_hit_blocks", "new_staged_first_draw")
+            policy_forward = 2 * lora_layers if cached else 2  # cached: the adapted blocks only
             flops = (policy_forward + 2 * lora_layers) * n_params * toks + (0 if "hit" in k else ref_flops)
+            if k == "new_staged_first_draw":  # the staging: the frozen blocks and the reference's adapted ones
+                flops = (2 * lora_layers + 2 * lora_layers) * n_params * toks + 2 * n_params * toks
             rows.append(
                 {
                     "path": k,
@@ -600,6 +635,27 @@ def best_batch_table(what: str, rows: list[dict], size: str, rate: str, paths) -
     return lines
 
 
+def mix_table(rows: list[dict], share: float) -> list[str]:
+    """Markdown lines: examples/s when a `share` of the rows are first draws, the rest cached, as in a run (the
+    demo's share: its `first draws` over its examples), per batch: the default in-step first draw against the
+    staged one (stage_first_draws), each against old (every row costs the same there)."""
+    rate = {(r["path"], r["batch"]): r["examples_per_s"] for r in rows}
+    lines = [
+        "",
+        f"| LoRA training, {share:.0%} of rows first draws | batch | examples/s | vs old |",
+        "|---|---|---|---|",
+    ]
+    for b in sorted({r["batch"] for r in rows}):
+        lines.append(f"| old | {b} | {rate['old', b]} | 1.00x |")
+        for name, first in (
+            ("first draws in their step", "new_miss_shared_blocks"),
+            ("staged", "new_staged_first_draw"),
+        ):
+            mixed = 1 / ((1 - share) / rate["new_hit_blocks", b] + share / rate[first, b])
+            lines.append(f"| {name} | {b} | {mixed:.2f} | {mixed / rate['old', b]:.2f}x |")
+    return lines
+
+
 def write_paths(res: dict, args, roof: dict) -> int:
     """The side-by-side tables (old vs new training path; altlm's sampler vs HF generate) as JSON and markdown."""
     R = roof["roofline_gflops"]
@@ -613,12 +669,13 @@ def write_paths(res: dict, args, roof: dict) -> int:
     ]
     old = {r["batch"]: r["examples_per_s"] for r in res["lora_paths"] if r["path"] == "old"}
     for r in res["lora_paths"]:
-        ratio = r["examples_per_s"] / old[r["batch"]]
+        ratio = "—" if r["path"] == "stage_64_rows" else f"{r['examples_per_s'] / old[r['batch']]:.2f}x"
         lines.append(
-            f"| {r['path']} | {r['batch']} | {r['seconds_per_step']} | {r['examples_per_s']} | {ratio:.2f}x | "
+            f"| {r['path']} | {r['batch']} | {r['seconds_per_step']} | {r['examples_per_s']} | {ratio} | "
             f"{r['gflops']} | {r['gflops'] / R:.0%} |"
         )
     lines += best_batch_table("LoRA step", res["lora_paths"], "batch", "examples_per_s", BEST_BATCH_PATHS)
+    lines += mix_table(res["lora_paths"], args.first_draw_share)
     lines += [
         "",
         "| sampler (k samples per prompt) | top-p | rows | k | new tokens | tokens/s | vs old, same rows | GFLOP/s "
@@ -665,6 +722,13 @@ def main(argv=None) -> int:
         "--paths-only",
         action="store_true",
         help="only the side-by-side tables (old vs new LoRA step, sampler vs HF generate): throughput_paths.{json,md}",
+    )
+    ap.add_argument(
+        "--first-draw-share",
+        type=float,
+        default=0.45,
+        help="--paths-only: the share of a run's drawn rows that are first draws, for the mixed table (the demo: "
+        "the sum of its iterations' `first draws` over 9 x 480 examples)",
     )
     ap.add_argument(
         "--profile", action="store_true", help="only profile sampling and write results/throughput_profile.txt"

@@ -56,6 +56,8 @@ def test_bad_choice_value():
         ({"iterations": 0}, "iterations"),
         ({"drop_factor": 1.5}, "drop_factor"),
         ({"min_new_tokens": 30, "max_new_tokens": 20}, "min_new_tokens"),
+        ({"stage_first_draws": -1}, "stage_first_draws"),
+        ({"cache_frozen_gb": -0.5}, "cache_frozen_gb"),
     ],
 )
 def test_validation(data, key):

@@ -205,12 +205,18 @@ def test_block_inputs_are_saved_with_the_cache_within_their_budget(tmp_path):
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["lora_layers=0.5", "reference_input=conditioned"]],
-    ids=["defaults", "frozen-blocks-cached"],
+    [
+        [],
+        ["lora_layers=0.5", "reference_input=conditioned"],
+        ["lora_layers=0.5", "reference_input=conditioned", "stage_first_draws=0"],
+    ],
+    ids=["defaults", "frozen-blocks-cached", "frozen-blocks-first-draws-in-step"],
 )
 def test_a_run_with_the_cache_trains_as_one_without_it_and_computes_fewer_reference_rows(tmp_path, extra):
     """frozen-blocks-cached: LoRA on the top block of two, so cache_frozen_layers keeps each row's input to it and
-    share_frozen_layers starts the reference there: the run still trains as one with every forward whole."""
+    share_frozen_layers starts the reference there: the run still trains as one with every forward whole. Its
+    phases stage every first draw before their first step (stage_first_draws); -in-step: at each row's first draw,
+    inside its step."""
     common = ["train", "--config", "smoke", "training_mode=lora", *CRASH, *extra]
     steps = {}
     train = {}
@@ -230,3 +236,5 @@ def test_a_run_with_the_cache_trains_as_one_without_it_and_computes_fewer_refere
     forwards = [t["reference_forward_rows"] for t in train[True]]
     assert forwards[0] <= 12 and forwards[1] < 12  # 12 rows drawn per iteration; iteration 2 reuses some
     assert "reference_forward_rows" not in train[False][0]
+    staged = [t["staged_rows"] for t in train[True]]
+    assert staged == (forwards if "lora_layers=0.5" in extra and "stage_first_draws=0" not in extra else [0, 0])

@@ -6,7 +6,8 @@ written, resumed until it finishes, and must end bit for bit as its uninterrupte
 - llm-judge: ALT-LMU feedback from a judge over HTTP; killed by the judge mid-chunk (the other questions in flight),
   then after iteration 2's feedback is staged.
 - lora-frozen-blocks: LoRA on the top block only, a conditioned reference (cache_frozen_layers and
-  share_frozen_layers at work); killed in iteration 1's training and in iteration 2's.
+  share_frozen_layers at work), first draws staged three rows at a time (stage_first_draws); killed in iteration 1's
+  first step (before any snapshot: the staging runs again), in its second, and in iteration 2's training.
 - quark-partial-flush: Quark tokens trained through LoRA's trainable rows; drop_factor=0.5 (a random half retired,
   then the global quantiles re-cut); killed in training (resumed from its snapshot), in evaluation, and in
   iteration 2's feedback (before the commit that flushes and re-cuts).
@@ -79,8 +80,8 @@ def lmu_args(url: str) -> list[str]:
 # variant → (config overrides, kills: (failpoint or "judge:<n>", the progress phase and iteration_done it leaves))
 VARIANTS = {
     "lora-frozen-blocks": (  # cache_frozen_layers: the rows' inputs to the adapted block, saved with the cache
-        ["training_mode=lora", "lora_layers=0.5", "reference_input=conditioned"],
-        [("train:2", "train", 0), ("train:3", "train", 1)],
+        ["training_mode=lora", "lora_layers=0.5", "reference_input=conditioned", "stage_first_draws=3"],
+        [("train:1", "train", 0), ("train:2", "train", 0), ("train:3", "train", 1)],
     ),
     "seed-pool-per-prompt": (
         ["training_mode=full", "seed_pool=true", "quantiles=per_prompt", "drop_factor=1.0", "per_bucket=1"],

@@ -254,6 +254,7 @@ class ALTTrainer:
                     examples=train_stats["examples"],
                     loss=train_stats["loss"],
                     kl=train_stats["kl"],
+                    first_draws=train_stats.get("reference_forward_rows"),  # (None: not shown, no reference cache)
                 )
                 self.save_progress(
                     phase="eval", step=train_stats["steps"], record={**self.progress.record, "train": train_stats}
@@ -585,7 +586,15 @@ class ALTTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         totals, t0 = (
-            {"loss": 0.0, "nll": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0, "reference_forward_rows": 0},
+            {
+                "loss": 0.0,
+                "nll": 0.0,
+                "kl": 0.0,
+                "entropy": 0.0,
+                "tokens": 0,
+                "reference_forward_rows": 0,
+                "staged_rows": 0,
+            },
             time.time(),
         )
         if start:
@@ -602,6 +611,11 @@ class ALTTrainer:
         # last_epoch: the schedule goes on at the resumed step
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule, last_epoch=start - 1)
         self.model.train()
+        if self.refcache is not None and self.cached_block and cfg.stage_first_draws:
+            # (resumed: the rows left were staged before the snapshot and reload with the cache, so none is computed)
+            staged = self.stage_first_draws(rows[start * cfg.batch_size :])
+            totals["staged_rows"] = totals.get("staged_rows", 0) + staged
+            totals["reference_forward_rows"] += staged
         tok, bad, world = self.tokenizer, 0, self.procs.world
         for step in tqdm(range(start, steps), desc=f"iter {it} training", leave=False, disable=None):
             batch = rows[step * cfg.batch_size : (step + 1) * cfg.batch_size]
@@ -662,8 +676,11 @@ class ALTTrainer:
                     if self.procs.main:
                         runfolder.prune_snapshots(self.run, keep=step + 1)
         n = max(totals["tokens"], 1)
-        # rows whose reference statistics this phase computed; the other drawn rows reused them
-        cache = {"reference_forward_rows": totals["reference_forward_rows"]} if self.refcache is not None else {}
+        # rows whose reference statistics this phase computed (staged_rows of them before its first step); the other
+        # drawn rows reused them
+        cache = {}
+        if self.refcache is not None:
+            cache = {k: totals.get(k, 0) for k in ("reference_forward_rows", "staged_rows")}
         return {
             "steps": steps,
             "examples": len(rows),
@@ -815,6 +832,34 @@ class ALTTrainer:
                 acts[i] = a
                 self.refcache.add_block_input(keys[i], a)
         return [acts[i] if i in acts else stored[k].to(self.device) for i, k in enumerate(keys)]
+
+    @torch.no_grad()
+    def stage_first_draws(self, rows) -> int:
+        """Before a phase's first step (stage_first_draws): the frozen blocks' output and the reference statistics of
+        the rows drawn for the first time, in batches of similar lengths, so that every step runs the adapted blocks
+        only. Returns how many rows' statistics it computed. Deterministic, so a run killed before its first snapshot
+        stages the same batches again (their entries are written with that snapshot)."""
+        cfg, tok, cache = self.cfg, self.tokenizer, self.refcache
+        policy_keys = [refcache.key(r.id, r.feedback if cfg.use_feedback else None, True) for r in rows]
+        firsts, seen = [], set()
+        for row, ref_key, policy_key in zip(rows, self.reference_keys(rows), policy_keys):
+            room = cache.stored_bytes < cache.block_input_bytes  # past the budget the step runs the frozen blocks
+            if ref_key in cache.entries and (policy_key in cache.block_inputs or not room):
+                continue
+            if (ref_key, policy_key) not in seen:
+                seen.add((ref_key, policy_key))
+                firsts.append(
+                    (row, self.policy_input(row), self.template.target_ids(tok, row.completion, bool(row.truncated)))
+                )
+        firsts.sort(key=lambda f: len(f[1]) + len(f[2]))  # stable: equal lengths keep the draw's order
+        misses = cache.misses
+        for i in range(0, len(firsts), cfg.stage_first_draws):
+            chunk = firsts[i : i + cfg.stage_first_draws]
+            batch = [f[0] for f in chunk]
+            targets = [f[2] for f in chunk]
+            acts = self.cached_block_inputs(batch, [f[1] for f in chunk], targets)
+            self.fill_reference_cache(batch, targets, acts=acts)
+        return cache.misses - misses
 
     @torch.no_grad()
     def fill_reference_cache(self, rows, targets, record: dict | None = None, acts: list | None = None) -> None:
