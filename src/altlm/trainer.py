@@ -780,6 +780,10 @@ class ALTTrainer:
         conditioned = self.cfg.reference_input == "conditioned" and self.cfg.use_feedback
         return [refcache.key(r.id, r.feedback, conditioned) for r in rows]
 
+    def block_input_keys(self, rows) -> list[str]:
+        """The keys of the rows' stored inputs to the lowest adapted block: the policy reads the feedback."""
+        return [refcache.key(r.id, r.feedback if self.cfg.use_feedback else None, True) for r in rows]
+
     def autocast(self):
         """The training forward's precision context: autocast to the compute dtype, or none under fp32."""
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
@@ -815,7 +819,7 @@ class ALTTrainer:
     def cached_block_inputs(self, rows, inputs, targets) -> list:
         """The rows' inputs to the lowest adapted block (cache_frozen_layers): stored at a row's first draw under
         its feedback string, then reused (the frozen blocks below compute the same at every draw)."""
-        keys = [refcache.key(r.id, r.feedback if self.cfg.use_feedback else None, True) for r in rows]
+        keys = self.block_input_keys(rows)
         stored = self.refcache.block_inputs
         missing = [i for i, k in enumerate(keys) if k not in stored]
         acts = {}
@@ -840,10 +844,9 @@ class ALTTrainer:
         only. Returns how many rows' statistics it computed. Deterministic, so a run killed before its first snapshot
         stages the same batches again (their entries are written with that snapshot)."""
         cfg, tok, cache = self.cfg, self.tokenizer, self.refcache
-        policy_keys = [refcache.key(r.id, r.feedback if cfg.use_feedback else None, True) for r in rows]
+        room = cache.stored_bytes < cache.block_input_bytes  # past the budget the steps run the frozen blocks
         firsts, seen = [], set()
-        for row, ref_key, policy_key in zip(rows, self.reference_keys(rows), policy_keys):
-            room = cache.stored_bytes < cache.block_input_bytes  # past the budget the step runs the frozen blocks
+        for row, ref_key, policy_key in zip(rows, self.reference_keys(rows), self.block_input_keys(rows)):
             if ref_key in cache.entries and (policy_key in cache.block_inputs or not room):
                 continue
             if (ref_key, policy_key) not in seen:
