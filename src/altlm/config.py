@@ -413,9 +413,9 @@ class ALTConfig:
         64,
         "With cache_frozen_layers: before a training phase's first step, compute the frozen blocks' output and the "
         "reference statistics of every row the phase draws for the first time, N rows per no-grad batch sorted by "
-        "length (fewer pad tokens, larger matmuls than a training batch's), so every step runs the adapted blocks "
-        "only. The same FLOPs, spent faster; equal up to rounding (another batch's padding). 0: at each row's first "
-        "draw, inside its step.",
+        "length, so every step runs the adapted blocks only. The same FLOPs, spent faster: fewer pad tokens than a "
+        "training batch's, and a row drawn twice computed once. Equal up to rounding (another batch's padding). 0: "
+        "at each row's first draw, inside its step.",
     )
     fused_loss: bool = _f(
         True,
