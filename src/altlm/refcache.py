@@ -16,7 +16,8 @@ The folder is removed when the run finishes (it is needed only to resume).
 
 Under `cache_frozen_layers` it also keeps, per pool row and feedback string, the policy's input to its lowest
 adapted block (the frozen blocks below compute the same for the row at every draw): later draws run the adapted
-blocks only. Those are written and reloaded with the statistics.
+blocks only. Those are written and reloaded with the statistics. With `stage_first_draws` (trainer) both are computed
+for a phase's first draws before its first step, and written with its first snapshot.
 """
 
 from __future__ import annotations

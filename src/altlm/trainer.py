@@ -568,7 +568,8 @@ class ALTTrainer:
         self.procs.wait()
 
     def train_phase(self, it: int) -> dict:
-        """Optimiser steps on rows drawn from the pool; from `progress.step` on when resuming (its snapshot)."""
+        """Optimiser steps on rows drawn from the pool, all drawn up front (so their first draws can be staged);
+        from `progress.step` on when resuming (its snapshot)."""
         cfg, start = self.cfg, self.progress.step
         rng = random.Random(f"{cfg.seed}/{it}/train")  # its own stream: the draw is the same after a resume
         torch.manual_seed(cfg.seed * 100_003 + it)
