@@ -223,7 +223,15 @@ def alt_loss_before(policy_logits, targets, mask, ref_logits, kl_coef, entropy_c
 
 
 # the LoRA paths the batch sweep compares; new_staged_first_draw is derived (bench_lora_paths)
-BEST_BATCH_PATHS = ("old", "new_hit_blocks", "new_miss_shared_blocks", "new_staged_first_draw")
+BEST_BATCH_PATHS = (
+    "old",
+    "new_hit_blocks",
+    "new_staged_first_draw_padded",
+    "new_hit_packed",
+    "new_miss_shared_packed",
+    "new_staged_first_draw",
+)
+STAGE_OPS = ("stage_64_rows", "stage_64_rows_padded")  # (measured per 64 rows, not per training batch)
 STAGE_ROWS = 64  # the trainer's default stage_first_draws
 
 
@@ -240,10 +248,12 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
     (eager without repeat_kv's copies; attn_implementation=auto on CPU for SmolLM2). `_fused`: grouped, and the head
     inside the loss (fused_loss, loss.head_loss). `_blocks` (the default): fused, and the rows' inputs to the lowest
     adapted block cached (cache_frozen_layers): a cached row runs the adapted blocks only; its first draw runs the
-    frozen blocks once, without gradient, and the reference from their output. `stage_64_rows`: what
+    frozen blocks once, without gradient, and the reference from their output. `_packed` (the default): `_blocks`
+    with the rows packed end to end, no padding (pack_rows, models.PackedRows). `stage_64_rows`: what
     stage_first_draws does before a phase's first step for 64 first draws (the frozen blocks and the reference
-    statistics, no gradient, rows sorted by length); `new_staged_first_draw` is derived from the same run's medians:
-    a cached step plus the staging of its rows (batch × stage_64_rows / 64), a first draw's whole cost when staged."""
+    statistics, no gradient, rows sorted by length), packed; `_padded` the same left-padded. `new_staged_first_draw`
+    is derived from the same run's medians: a packed cached step plus the staging of its rows (batch ×
+    stage_64_rows / 64), a first draw's whole cost when staged; `_padded`: both padded (the previous default)."""
     import copy
 
     lora = dict(
@@ -282,17 +292,17 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
     stage_inputs = [stage_inputs[i] for i in stage_order]
     stage_targets = [stage_targets[i] for i in stage_order]
 
-    def reference_from_blocks(m, acts, inputs, targets):  # the statistics of the reference reading the tag, from the
-        # rows' inputs to the lowest adapted block (trainer.fill_reference_cache under cache_frozen_layers)
+    def reference_from_blocks(m, acts, inputs, targets, pack):  # the statistics of the reference reading the tag,
+        # from the rows' inputs to the lowest adapted block (trainer.fill_reference_cache under cache_frozen_layers)
         with torch.no_grad(), m.disable_adapter(), autocast():
-            hidden = target_hidden_from(m, acts, inputs, targets, tok.pad_token_id, shared)[0]
+            hidden = target_hidden_from(m, acts, inputs, targets, tok.pad_token_id, shared, pack)[0]
         return refcache.statistics(hidden, *head_weights[m], v)
 
-    def stage():  # trainer.stage_first_draws for STAGE_ROWS rows: frozen blocks, then the reference from their output
+    def stage(pack):  # trainer.stage_first_draws for STAGE_ROWS rows: frozen blocks, then the reference from them
         m = nets["grouped"][0]
         with autocast():
-            acts = block_inputs(m, stage_inputs, stage_targets, tok.pad_token_id, shared)
-        reference_from_blocks(m, acts, stage_inputs, stage_targets)
+            acts = block_inputs(m, stage_inputs, stage_targets, tok.pad_token_id, shared, pack)
+        reference_from_blocks(m, acts, stage_inputs, stage_targets, pack)
 
     stage_toks = sum(len(i) + len(t) for i, t in zip(stage_inputs, stage_targets))
     for b in batches:
@@ -321,7 +331,7 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        def new_step(attn, hit, reference="prompt", fused=False, blocks=False):
+        def new_step(attn, hit, reference="prompt", fused=False, blocks=False, pack=False):
             m, opt = nets[attn]
             if hit:
                 stats = cached[attn]
@@ -332,12 +342,12 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             )
             with autocast(), record_input as record:
                 if blocks:  # cache_frozen_layers: the frozen blocks' output, stored (hit) or computed now (first draw)
-                    acts = cached_acts if hit else block_inputs(m, inputs, targets, tok.pad_token_id, shared)
-                    hidden, tgt = target_hidden_from(m, acts, inputs, targets, tok.pad_token_id, shared)
+                    acts = cached_acts if hit else block_inputs(m, inputs, targets, tok.pad_token_id, shared, pack)
+                    hidden, tgt = target_hidden_from(m, acts, inputs, targets, tok.pad_token_id, shared, pack)
                 else:
                     hidden, tgt = target_hidden(m, inputs, targets, tok.pad_token_id)
             if reference == "shared" and blocks:
-                stats = reference_from_blocks(m, acts, inputs, targets)
+                stats = reference_from_blocks(m, acts, inputs, targets, pack)
             elif reference == "shared":
                 stats = reference_stats(m, None, record)
             if fused:
@@ -364,23 +374,31 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             "new_miss_shared_fused": lambda: new_step("grouped", False, "shared", fused=True),
             "new_hit_blocks": lambda: new_step("grouped", True, fused=True, blocks=True),
             "new_miss_shared_blocks": lambda: new_step("grouped", False, "shared", fused=True, blocks=True),
-            "stage_64_rows": stage,
+            "new_hit_packed": lambda: new_step("grouped", True, fused=True, blocks=True, pack=True),
+            "new_miss_shared_packed": lambda: new_step("grouped", False, "shared", fused=True, blocks=True, pack=True),
+            "stage_64_rows": lambda: stage(True),
+            "stage_64_rows_padded": lambda: stage(False),
         }
         if b > 32:  # the batch sweep's larger sizes: the old path against the defaults only (an old step takes ~9 s)
-            paths = {k: v for k, v in paths.items() if k in BEST_BATCH_PATHS or k == "stage_64_rows"}
+            paths = {k: v for k, v in paths.items() if k in BEST_BATCH_PATHS or k in STAGE_OPS}
         times = interleaved(paths, steps)
-        per_row = sorted(times.pop("stage_64_rows"))[steps // 2] / STAGE_ROWS  # the median staging, per row
-        rows.append(  # (measured beside batch b's steps; its own batch is STAGE_ROWS)
-            {
-                "path": "stage_64_rows",
-                "batch": b,
-                "seconds_per_step": round(per_row * STAGE_ROWS, 3),
-                "examples_per_s": round(1 / per_row, 2),
-                "tokens_per_s": round(stage_toks / (per_row * STAGE_ROWS), 1),
-                "gflops": round(2 * n_params * stage_toks / (per_row * STAGE_ROWS) / 1e9, 1),
-            }
-        )
-        times["new_staged_first_draw"] = [t + b * per_row for t in times["new_hit_blocks"]]
+        per_row = {}
+        for op in STAGE_OPS:
+            per_row[op] = sorted(times.pop(op))[steps // 2] / STAGE_ROWS  # the median staging, per row
+            rows.append(  # (measured beside batch b's steps; its own batch is STAGE_ROWS)
+                {
+                    "path": op,
+                    "batch": b,
+                    "seconds_per_step": round(per_row[op] * STAGE_ROWS, 3),
+                    "examples_per_s": round(1 / per_row[op], 2),
+                    "tokens_per_s": round(stage_toks / (per_row[op] * STAGE_ROWS), 1),
+                    "gflops": round(2 * n_params * stage_toks / (per_row[op] * STAGE_ROWS) / 1e9, 1),
+                }
+            )
+        staged = b * per_row["stage_64_rows"]
+        times["new_staged_first_draw"] = [t + staged for t in times["new_hit_packed"]]
+        staged = b * per_row["stage_64_rows_padded"]
+        times["new_staged_first_draw_padded"] = [t + staged for t in times["new_hit_blocks"]]
         toks = sum(len(i) + len(t) for i, t in zip(inputs, targets))
         ref_toks = sum(len(i) + len(t) for i, t in zip(ref_inputs, targets))
         for k, ts in times.items():
@@ -390,9 +408,10 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             ref_flops = 2 * n_params * (toks if "conditioned" in k else ref_toks)
             if "shared" in k:  # the reference runs the adapted blocks only
                 ref_flops = 2 * lora_layers * n_params * toks
-            policy_forward = 2 * lora_layers if k == "new_hit_blocks" else 2  # cached: the adapted blocks only
+            cached = k in ("new_hit_blocks", "new_hit_packed")
+            policy_forward = 2 * lora_layers if cached else 2  # cached: the adapted blocks only
             flops = (policy_forward + 2 * lora_layers) * n_params * toks + (0 if "hit" in k else ref_flops)
-            if k == "new_staged_first_draw":  # a cached step, and the staging: frozen blocks + reference's adapted ones
+            if k.startswith("new_staged_first_draw"):  # a cached step, and the staging: frozen + reference's adapted
                 flops = (2 * lora_layers + 2 * lora_layers) * n_params * toks + 2 * n_params * toks
             rows.append(
                 {
@@ -639,8 +658,9 @@ def best_batch_table(what: str, rows: list[dict], size: str, rate: str, paths) -
 def mix_table(rows: list[dict], share: float) -> list[str]:
     """Markdown lines: examples/s when a `share` of the rows are first draws and the rest cached, as in a run (the
     demo's share: its `first draws` over its examples). Per batch, first draws in their step
-    (stage_first_draws: 0) and staged (the default), each against old, where every row costs the same; then each
-    at its best batch against old at its best."""
+    (stage_first_draws: 0) and staged (the default), both packed (pack_rows), and staged padded (the previous
+    default), each against old, where every row costs the same; then each at its best batch against old at its
+    best."""
     rate = {(r["path"], r["batch"]): r["examples_per_s"] for r in rows}
     batches = sorted({r["batch"] for r in rows})
     lines = [
@@ -651,11 +671,12 @@ def mix_table(rows: list[dict], share: float) -> list[str]:
     best = {}
     for b in batches:
         lines.append(f"| old | {b} | {rate['old', b]} | 1.00x |")
-        for name, first in (
-            ("first draws in their step", "new_miss_shared_blocks"),
-            ("staged", "new_staged_first_draw"),
+        for name, hit, first in (
+            ("staged, padded", "new_hit_blocks", "new_staged_first_draw_padded"),
+            ("first draws in their step, packed", "new_hit_packed", "new_miss_shared_packed"),
+            ("staged, packed", "new_hit_packed", "new_staged_first_draw"),
         ):
-            mixed = 1 / ((1 - share) / rate["new_hit_blocks", b] + share / rate[first, b])
+            mixed = 1 / ((1 - share) / rate[hit, b] + share / rate[first, b])
             lines.append(f"| {name} | {b} | {mixed:.2f} | {mixed / rate['old', b]:.2f}x |")
             best[name] = max(best.get(name, (0.0, 0)), (mixed, b))
     old_best = max(rate["old", b] for b in batches)
@@ -680,7 +701,7 @@ def write_paths(res: dict, args, roof: dict) -> int:
     ]
     old = {r["batch"]: r["examples_per_s"] for r in res["lora_paths"] if r["path"] == "old"}
     for r in res["lora_paths"]:
-        ratio = "—" if r["path"] == "stage_64_rows" else f"{r['examples_per_s'] / old[r['batch']]:.2f}x"
+        ratio = "—" if r["path"] in STAGE_OPS else f"{r['examples_per_s'] / old[r['batch']]:.2f}x"
         lines.append(
             f"| {r['path']} | {r['batch']} | {r['seconds_per_step']} | {r['examples_per_s']} | {ratio} | "
             f"{r['gflops']} | {r['gflops'] / R:.0%} |"

@@ -417,6 +417,13 @@ class ALTConfig:
         "training batch's, and a row drawn twice computed once. Equal up to rounding (another batch's padding). 0: "
         "at each row's first draw, inside its step.",
     )
+    pack_rows: bool = _f(
+        True,
+        "With cache_frozen_layers and grouped attention (Llama-type models on CPU): run a batch's rows packed end to "
+        "end, with no padding, through the blocks (models.PackedRows): projections, MLP and norms skip the pad "
+        "slots (about a fifth of the demo's batches); attention alone runs row by row, padded. The same results "
+        "bit for bit on CPU. Off: the rows left-padded to the longest.",
+    )
     fused_loss: bool = _f(
         True,
         "With the reference cache: run the LM head inside the loss, a chunk of tokens at a time, computing the "

@@ -15,6 +15,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .models import PackedRows
 from .template import left_pad
 
 
@@ -85,29 +86,61 @@ def layer_input(model, index: int, stop: bool = False):
         handle.remove()
 
 
+def _packed_layers(model, hidden: torch.Tensor, rows: PackedRows, start: int, stop: int) -> torch.Tensor:
+    """The decoder blocks start..stop-1 on a packed sequence [1, N, D] (pack_rows): the keyword arguments the body
+    gives its blocks, with the rows as the attention mask and rotary embeddings at each row's own positions."""
+    body = _causal_lm(model).base_model
+    rotary = body.rotary_emb(hidden, rows.position_ids)
+    for layer in body.layers[start:stop]:
+        hidden = layer(hidden, attention_mask=rows, position_ids=rows.position_ids, position_embeddings=rotary)
+    return hidden
+
+
 @torch.no_grad()
-def block_inputs(model, inputs: list[list[int]], targets: list[list[int]], pad_id: int, index: int) -> list:
+def block_inputs(
+    model, inputs: list[list[int]], targets: list[list[int]], pad_id: int, index: int, pack: bool = False
+) -> list:
     """What the decoder body hands its block `index` for each sequence `inputs + targets`: [T_i, D] per row, its
-    real positions only. The blocks below `index` run, none above (cache_frozen_layers: they are frozen)."""
+    real positions only. The blocks below `index` run, none above (cache_frozen_layers: they are frozen). pack: the
+    rows run packed, with no padding (models.PackedRows; the attention must be grouped)."""
+    seqs = [x + t for x, t in zip(inputs, targets)]
+    if pack:
+        dev = next(model.parameters()).device
+        ids = torch.tensor([token for s in seqs for token in s], device=dev)
+        embeddings = _causal_lm(model).base_model.embed_tokens(ids[None])
+        rows = PackedRows([len(s) for s in seqs], dev, embeddings.dtype)
+        hidden = _packed_layers(model, embeddings, rows, 0, index)[0]
+        return [h.clone() for h in hidden.split(rows.lengths)]
     ids, attn, pos = _padded_batch(model, inputs, targets, pad_id)
     with layer_input(model, index, stop=True) as record:
         _causal_lm(model).base_model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
     width = ids.shape[1]
-    return [record["hidden"][i, width - len(x) - len(t) :].clone() for i, (x, t) in enumerate(zip(inputs, targets))]
+    return [record["hidden"][i, width - len(s) :].clone() for i, s in enumerate(seqs)]
 
 
-def target_hidden_from(model, acts: list, inputs: list[list[int]], targets: list[list[int]], pad_id: int, index: int):
+def target_hidden_from(
+    model, acts: list, inputs: list[list[int]], targets: list[list[int]], pad_id: int, index: int, pack: bool = False
+):
     """target_hidden, from block `index` up: `acts` are the rows' inputs to that block (block_inputs), so the blocks
     below it do not run. The blocks' keyword arguments (mask, rotary embeddings) are the body's own for this batch,
-    recorded at block 0 (every block takes the same ones: trainer.cache_frozen_layers checks)."""
+    recorded at block 0 (every block takes the same ones: trainer.cache_frozen_layers checks). pack: the rows run
+    packed, with no padding (models.PackedRows; the attention must be grouped)."""
+    body = _causal_lm(model).base_model
+    if pack:
+        rows = PackedRows([a.shape[0] for a in acts], acts[0].device, acts[0].dtype)
+        hidden = _packed_layers(model, torch.cat(acts)[None], rows, index, body.config.num_hidden_layers)
+        hidden = body.norm(hidden)[0]
+        # a row's targets are predicted at its positions len(x) - 1 .. len(x) + len(t) - 2
+        at = [torch.arange(s + len(x) - 1, s + len(x) + len(t) - 1) for s, x, t in zip(rows.starts, inputs, targets)]
+        flat_targets = [token for t in targets for token in t]
+        return hidden[torch.cat(at).to(hidden.device)], torch.tensor(flat_targets, device=hidden.device)
     ids, attn, pos = _padded_batch(model, inputs, targets, pad_id)
     with torch.no_grad(), layer_input(model, 0, stop=True) as record:
-        _causal_lm(model).base_model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+        body(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
     width = ids.shape[1]
     hidden = acts[0].new_zeros(len(acts), width, acts[0].shape[-1])  # padded positions: masked, so any value
     for i, a in enumerate(acts):
         hidden[i, width - a.shape[0] :] = a
-    body = _causal_lm(model).base_model
     for layer in body.layers[index : body.config.num_hidden_layers]:
         hidden = layer(hidden, **record["kwargs"])
     hidden = body.norm(hidden)

@@ -326,6 +326,8 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
     bit (tests/test_sampler.py); decoding 1.06-1.15x faster, a cached LoRA step 1.00-1.10x
     (benchmarks/results/throughput_paths.md). query [b, h, t, d]; key, value [b, h_kv, L, d]; mask [b, 1, t, L].
     `softcap` as in Gemma-2's eager attention; attention sinks (gpt-oss) are not supported."""
+    if isinstance(attention_mask, PackedRows):
+        return attention_mask.attend(module, query, key, value, scaling, dropout, softcap)
     b, h, t, d = query.shape
     h_kv = key.shape[1]
     g = h // h_kv  # repeat_kv's order: query head i reads key/value head i // g
@@ -338,6 +340,56 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).view(b, h, t, d).transpose(1, 2).contiguous()
     return out, weights.view(b, h, t, -1)
+
+
+class PackedRows:
+    """A batch's rows packed end to end into one sequence [1, N] with no padding (config pack_rows), passed to the
+    decoder blocks as their attention mask. Every token-wise layer (projections, LoRA, MLP, norms: all but
+    attention) then runs on the N real tokens instead of the B × W slots of a left-padded batch (W its longest row;
+    the demo's batches are ~20% padding). grouped_attention alone sees the rows: it lays queries, keys and values
+    out left-padded [B, h, W, d], attends under the padded batch's causal mask, and packs its output back. Each row
+    computes what it computes in the padded batch, bit for bit on CPU (tests/test_reference_cache.py): matmul rows
+    are independent and attention runs on the same padded shapes. Only grouped_attention reads this (any other
+    attention would fail on it: trainer.pack_rows checks the implementation)."""
+
+    def __init__(self, lengths: list[int], device, dtype: torch.dtype):
+        self.lengths = lengths
+        self.width = max(lengths)
+        self.starts = [0]  # each row's first token in the packed sequence
+        for n in lengths[:-1]:
+            self.starts.append(self.starts[-1] + n)
+        b, w = len(lengths), self.width
+        slots = torch.zeros(b, w, dtype=torch.long)  # each padded slot's packed token (pads: token 0, masked)
+        real = torch.zeros(b, w, dtype=torch.bool)
+        for i, (start, n) in enumerate(zip(self.starts, lengths)):
+            slots[i, w - n :] = torch.arange(start, start + n)
+            real[i, w - n :] = True
+        self.slots = slots.view(-1).to(device)
+        self.real = real.view(-1).nonzero()[:, 0].to(device)  # each packed token's padded slot, in packed order
+        allowed = torch.ones(w, w, dtype=torch.bool).tril()[None] & real[:, None, :]  # eager_mask's: causal, keys
+        self.mask = torch.zeros(b, 1, w, w, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+        self.mask = self.mask.to(device)
+        self.position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+
+    def attend(self, module, query, key, value, scaling, dropout, softcap):
+        """grouped_attention over the packed [1, heads, N, d] queries, keys and values: [1, N, heads, d] out."""
+
+        def padded(x):
+            heads, d = x.shape[1], x.shape[-1]
+            return x[0][:, self.slots].view(heads, len(self.lengths), self.width, d).transpose(0, 1)
+
+        out, _ = grouped_attention(
+            module, padded(query), padded(key), padded(value), self.mask, scaling, dropout, softcap
+        )
+        heads, d = query.shape[1], query.shape[-1]
+        return out.reshape(-1, heads, d)[self.real][None], None
+
+
+def packs_rows(model) -> bool:
+    """Whether `model` (a causal LM) can run a batch packed (PackedRows, config pack_rows): its attention is
+    grouped_attention, which reads the rows, and its family's body (Llama's) is embeddings, blocks and a final norm
+    with nothing per position but the rotary embeddings."""
+    return model.config._attn_implementation == GROUPED and model.config.model_type in GROUPED_MODEL_TYPES
 
 
 def _register_grouped() -> None:

@@ -81,6 +81,7 @@ class ALTTrainer:
 
         base = models.load_model(cfg.model, cfg.trust_remote_code, seed=cfg.seed)
         models.set_attention(base, cfg.attn_implementation, self.procs.device)
+        self.pack_rows = cfg.pack_rows and models.packs_rows(base)  # (the adapted and frozen blocks' forwards)
         new, init = self.template.new_tokens(cfg.feedback_words)
         self.added_ids = models.add_tokens(base, self.tokenizer, new, init) if new else []
         # Full/top-fraction training needs a frozen copy as reference; LoRA gets it free by disabling the adapter.
@@ -682,6 +683,7 @@ class ALTTrainer:
         cache = {}
         if self.refcache is not None:
             cache = {k: totals.get(k, 0) for k in ("reference_forward_rows", "staged_rows")}
+            cache["packed_rows"] = bool(self.pack_rows and self.cached_block)  # (pack_rows took effect)
         return {
             "steps": steps,
             "examples": len(rows),
@@ -717,7 +719,9 @@ class ALTTrainer:
         if self.refcache is not None and self.cached_block:  # the frozen blocks' output is cached per row
             acts = self.cached_block_inputs(batch, inputs, targets)
             with autocast:
-                hidden, tgt = target_hidden_from(self.ddp, acts, inputs, targets, tok.pad_token_id, self.cached_block)
+                hidden, tgt = target_hidden_from(
+                    self.ddp, acts, inputs, targets, tok.pad_token_id, self.cached_block, self.pack_rows
+                )
             self.fill_reference_cache(batch, targets, acts=acts)
         elif self.refcache is not None:
             shared = self.shared_layers  # 0: nothing to record, the reference forward runs whole
@@ -832,6 +836,7 @@ class ALTTrainer:
                     [targets[i] for i in missing],
                     self.tokenizer.pad_token_id,
                     self.cached_block,
+                    self.pack_rows,
                 )
             for i, a in zip(missing, computed):
                 acts[i] = a
@@ -882,7 +887,9 @@ class ALTTrainer:
         with adapter_off, self.autocast():
             if self.shared_layers and acts is not None:
                 picked = [acts[i] for i in missing]
-                hidden = target_hidden_from(model, picked, ref_in, ref_targets, tok.pad_token_id, self.shared_layers)[0]
+                hidden = target_hidden_from(
+                    model, picked, ref_in, ref_targets, tok.pad_token_id, self.shared_layers, self.pack_rows
+                )[0]
             elif record:
                 hidden = tail_target_hidden(model, record, self.shared_layers, missing, targets, tok.pad_token_id)
             else:
