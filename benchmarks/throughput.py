@@ -233,6 +233,7 @@ BEST_BATCH_PATHS = (
 )
 STAGE_OPS = ("stage_64_rows", "stage_64_rows_padded")  # (measured per 64 rows, not per training batch)
 STAGE_ROWS = 64  # the trainer's default stage_first_draws
+PHASE_FIRST_DRAWS = 256  # what a demo phase stages: 2,254 and 2,301 first draws over 9 phases (make demo, two runs)
 
 
 def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: int, lora_layers: float) -> list[dict]:
@@ -246,14 +247,15 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
     first draw with a whole reference forward, `new_miss_shared_eager` with the forward starting at the lowest
     adapted block from the policy's activations (share_frozen_layers). `_grouped`: the same with grouped attention
     (eager without repeat_kv's copies; attn_implementation=auto on CPU for SmolLM2). `_fused`: grouped, and the head
-    inside the loss (fused_loss, loss.head_loss). `_blocks` (the default): fused, and the rows' inputs to the lowest
+    inside the loss (fused_loss, loss.head_loss). `_blocks`: fused, and the rows' inputs to the lowest
     adapted block cached (cache_frozen_layers): a cached row runs the adapted blocks only; its first draw runs the
     frozen blocks once, without gradient, and the reference from their output. `_packed` (the default): `_blocks`
     with the rows packed end to end, no padding (pack_rows, models.PackedRows). `stage_64_rows`: what
-    stage_first_draws does before a phase's first step for 64 first draws (the frozen blocks and the reference
-    statistics, no gradient, rows sorted by length), packed; `_padded` the same left-padded. `new_staged_first_draw`
-    is derived from the same run's medians: a packed cached step plus the staging of its rows (batch ×
-    stage_64_rows / 64), a first draw's whole cost when staged; `_padded`: both padded (the previous default)."""
+    stage_first_draws does before a phase's first step (the frozen blocks and the reference statistics, no
+    gradient) for the 256 first draws of a demo phase, sorted by length, 64 rows a batch; reported per 64 rows,
+    packed, and `_padded` left-padded. `new_staged_first_draw` is derived from the same run's medians: a packed
+    cached step plus the staging of its rows (batch × stage_64_rows / 64), a first draw's whole cost when staged;
+    `_padded`: both padded (the previous default)."""
     import copy
 
     lora = dict(
@@ -287,8 +289,8 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
         head = m.get_output_embeddings().weight.detach()
         head_weights[m] = (head.to(amp) if amp is not None else head, head)
     rows = []
-    stage_inputs, _, stage_targets = demo_batch(tok, STAGE_ROWS, seed=1)
-    stage_order = sorted(range(STAGE_ROWS), key=lambda i: len(stage_inputs[i]) + len(stage_targets[i]))
+    stage_inputs, _, stage_targets = demo_batch(tok, PHASE_FIRST_DRAWS, seed=1)
+    stage_order = sorted(range(PHASE_FIRST_DRAWS), key=lambda i: len(stage_inputs[i]) + len(stage_targets[i]))
     stage_inputs = [stage_inputs[i] for i in stage_order]
     stage_targets = [stage_targets[i] for i in stage_order]
 
@@ -298,11 +300,15 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
             hidden = target_hidden_from(m, acts, inputs, targets, tok.pad_token_id, shared, pack)[0]
         return refcache.statistics(hidden, *head_weights[m], v)
 
-    def stage(pack):  # trainer.stage_first_draws for STAGE_ROWS rows: frozen blocks, then the reference from them
+    def stage(pack):  # trainer.stage_first_draws for a phase's first draws: sorted by length, STAGE_ROWS a batch,
+        # the frozen blocks, then the reference from their output
         m = nets["grouped"][0]
-        with autocast():
-            acts = block_inputs(m, stage_inputs, stage_targets, tok.pad_token_id, shared, pack)
-        reference_from_blocks(m, acts, stage_inputs, stage_targets, pack)
+        for start in range(0, PHASE_FIRST_DRAWS, STAGE_ROWS):
+            inputs = stage_inputs[start : start + STAGE_ROWS]
+            targets = stage_targets[start : start + STAGE_ROWS]
+            with autocast():
+                acts = block_inputs(m, inputs, targets, tok.pad_token_id, shared, pack)
+            reference_from_blocks(m, acts, inputs, targets, pack)
 
     stage_toks = sum(len(i) + len(t) for i, t in zip(stage_inputs, stage_targets))
     for b in batches:
@@ -384,15 +390,15 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
         times = interleaved(paths, steps)
         per_row = {}
         for op in STAGE_OPS:
-            per_row[op] = sorted(times.pop(op))[steps // 2] / STAGE_ROWS  # the median staging, per row
+            per_row[op] = sorted(times.pop(op))[steps // 2] / PHASE_FIRST_DRAWS  # the median staging, per row
             rows.append(  # (measured beside batch b's steps; its own batch is STAGE_ROWS)
                 {
                     "path": op,
                     "batch": b,
                     "seconds_per_step": round(per_row[op] * STAGE_ROWS, 3),
                     "examples_per_s": round(1 / per_row[op], 2),
-                    "tokens_per_s": round(stage_toks / (per_row[op] * STAGE_ROWS), 1),
-                    "gflops": round(2 * n_params * stage_toks / (per_row[op] * STAGE_ROWS) / 1e9, 1),
+                    "tokens_per_s": round(stage_toks / (per_row[op] * PHASE_FIRST_DRAWS), 1),
+                    "gflops": round(2 * n_params * stage_toks / (per_row[op] * PHASE_FIRST_DRAWS) / 1e9, 1),
                 }
             )
         staged = b * per_row["stage_64_rows"]

@@ -421,8 +421,9 @@ class ALTConfig:
         True,
         "With cache_frozen_layers and grouped attention (Llama-type models on CPU): run a batch's rows packed end to "
         "end, with no padding, through the blocks (models.PackedRows): projections, MLP and norms skip the pad "
-        "slots (about a fifth of the demo's batches); attention alone runs row by row, padded. The same results "
-        "bit for bit on CPU. Off: the rows left-padded to the longest.",
+        "slots (about a fifth of the demo's batches); attention alone runs row by row, padded. The same forward "
+        "bit for bit; gradients equal up to rounding (their sums over tokens skip the pad rows). Off: the rows "
+        "left-padded to the longest.",
     )
     fused_loss: bool = _f(
         True,

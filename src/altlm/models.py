@@ -347,10 +347,12 @@ class PackedRows:
     decoder blocks as their attention mask. Every token-wise layer (projections, LoRA, MLP, norms: all but
     attention) then runs on the N real tokens instead of the B × W slots of a left-padded batch (W its longest row;
     the demo's batches are ~20% padding). grouped_attention alone sees the rows: it lays queries, keys and values
-    out left-padded [B, h, W, d], attends under the padded batch's causal mask, and packs its output back. Each row
-    computes what it computes in the padded batch, bit for bit on CPU (tests/test_reference_cache.py): matmul rows
-    are independent and attention runs on the same padded shapes. Only grouped_attention reads this (any other
-    attention would fail on it: trainer.pack_rows checks the implementation)."""
+    out left-padded [B, h, W, d], attends under the padded batch's causal mask, and packs its output back. The
+    forward computes each row's hidden states bit for bit as the padded batch does (matmul rows are independent,
+    and attention runs on the same padded shapes). The weight gradients sum over the tokens, now without the pad
+    rows, so the sum is blocked differently: equal up to rounding (bf16 at the demo's shapes: relative L2 ≤ 7e-4;
+    bit for bit at the tests' tiny sizes, tests/test_reference_cache.py). Only grouped_attention reads this (any
+    other attention would fail on it: models.packs_rows checks the implementation)."""
 
     def __init__(self, lengths: list[int], device, dtype: torch.dtype):
         self.lengths = lengths
