@@ -156,7 +156,12 @@ def test_a_cache_miss_runs_the_frozen_blocks_below_the_adapter_once(tmp_path, sh
     perturb_adapter(t)
     rows_seen = []
     bottom = t.model.get_base_model().base_model.layers[0]
-    handle = bottom.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[0]))
+
+    def count_rows(module, args, kwargs, out):  # a packed batch (pack_rows) is one sequence holding every row
+        mask = kwargs.get("attention_mask")
+        rows_seen.append(len(mask.lengths) if isinstance(mask, models.PackedRows) else args[0].shape[0])
+
+    handle = bottom.register_forward_hook(count_rows, with_kwargs=True)
     want = kl_by_hand(t, True)
     rows_seen.clear()
     stats = t.train_phase(1)
