@@ -401,10 +401,11 @@ def bench_lora_paths(model, tok, amp, batches: list[int], steps: int, n_params: 
                     "gflops": round(2 * n_params * stage_toks / (per_row[op] * PHASE_FIRST_DRAWS) / 1e9, 1),
                 }
             )
-        staged = b * per_row["stage_64_rows"]
-        times["new_staged_first_draw"] = [t + staged for t in times["new_hit_packed"]]
-        staged = b * per_row["stage_64_rows_padded"]
-        times["new_staged_first_draw_padded"] = [t + staged for t in times["new_hit_blocks"]]
+        for derived, step, op in (
+            ("new_staged_first_draw", "new_hit_packed", "stage_64_rows"),
+            ("new_staged_first_draw_padded", "new_hit_blocks", "stage_64_rows_padded"),
+        ):  # a cached step and the staging of its b rows
+            times[derived] = [t + b * per_row[op] for t in times[step]]
         toks = sum(len(i) + len(t) for i, t in zip(inputs, targets))
         ref_toks = sum(len(i) + len(t) for i, t in zip(ref_inputs, targets))
         for k, ts in times.items():

@@ -369,8 +369,8 @@ class PackedRows:
         self.slots = slots.view(-1).to(device)
         self.real = real.view(-1).nonzero()[:, 0].to(device)  # each packed token's padded slot, in packed order
         allowed = torch.ones(w, w, dtype=torch.bool).tril()[None] & real[:, None, :]  # eager_mask's: causal, keys
-        self.mask = torch.zeros(b, 1, w, w, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-        self.mask = self.mask.to(device)
+        mask = torch.zeros(b, 1, w, w, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+        self.mask = mask.to(device)
         self.position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
 
     def attend(self, module, query, key, value, scaling, dropout, softcap):
